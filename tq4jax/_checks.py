@@ -1,0 +1,103 @@
+"""Argument checks shared by the ops: they run at trace time and raise TypeError/ValueError
+naming the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from .layout import FLOAT_DTYPES, VALID_BOUNDARIES, VALID_CENTROIDS
+
+MIN_DIM = 16
+MAX_DIM = 512
+
+
+def as_array(name: str, x: Any) -> jnp.ndarray:
+    """jnp view of ``x`` (arrays, tracers, numpy); TypeError for anything without a dtype."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic objects
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+        if x.dtype == object:
+            raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}")
+    return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+
+
+def check_dtype(name: str, x: Any, allowed: Sequence[Any]) -> None:
+    allowed = tuple(jnp.dtype(a) for a in allowed)
+    if jnp.dtype(x.dtype) not in allowed:
+        names = ", ".join(str(a) for a in allowed)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+def check_float(name: str, x: Any) -> None:
+    check_dtype(name, x, FLOAT_DTYPES)
+
+
+def check_ndim(name: str, x: Any, ndim: int | Sequence[int], what: str) -> None:
+    ok = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in ok:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+
+
+def check_head_dim(name: str, d: int) -> None:
+    if d % 2 or not MIN_DIM <= d <= MAX_DIM:
+        raise ValueError(
+            f"{name}: head_dim must be even and in [{MIN_DIM}, {MAX_DIM}], got {d}")
+
+
+def check_rotation(rotation: Any, d: int, name: str = "rotation") -> jnp.ndarray:
+    rotation = as_array(name, rotation)
+    check_float(name, rotation)
+    if tuple(rotation.shape) != (d, d):
+        raise ValueError(f"{name} must have shape ({d}, {d}) to match head_dim {d}, "
+                         f"got {tuple(rotation.shape)}")
+    return rotation.astype(jnp.float32)
+
+
+def check_boundaries(boundaries: Any, name: str = "boundaries") -> jnp.ndarray:
+    boundaries = as_array(name, boundaries)
+    check_float(name, boundaries)
+    if boundaries.ndim != 1 or boundaries.shape[0] not in VALID_BOUNDARIES:
+        raise ValueError(f"{name} must be 1-D with 2**bits - 1 entries {VALID_BOUNDARIES} "
+                         f"(bits 1..4), got shape {tuple(boundaries.shape)}")
+    return boundaries.astype(jnp.float32)
+
+
+def check_centroids(centroids: Any, name: str = "centroids") -> jnp.ndarray:
+    centroids = as_array(name, centroids)
+    check_float(name, centroids)
+    if centroids.ndim != 1 or centroids.shape[0] not in VALID_CENTROIDS:
+        raise ValueError(f"{name} must be 1-D with 2**bits entries {VALID_CENTROIDS} "
+                         f"(bits 1..4), got shape {tuple(centroids.shape)}")
+    return centroids.astype(jnp.float32)
+
+
+def check_packed(packed: Any, norms: Any, pname: str = "packed",
+                 nname: str = "norms") -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 codes [..., D/2] and float32 norms [...] or [..., 1]; returns norms as [...]."""
+    packed, norms = as_array(pname, packed), as_array(nname, norms)
+    check_dtype(pname, packed, [jnp.uint8])
+    check_ndim(pname, packed, tuple(range(1, 16)), "[..., head_dim // 2]")
+    check_head_dim(pname, 2 * packed.shape[-1])
+    check_float(nname, norms)
+    lead = tuple(packed.shape[:-1])
+    if tuple(norms.shape) == lead + (1,):
+        norms = norms.reshape(lead)
+    if tuple(norms.shape) != lead:
+        raise ValueError(f"{nname} must have shape {lead} or {lead + (1,)} to match "
+                         f"{pname} {tuple(packed.shape)}, got {tuple(norms.shape)}")
+    return packed, norms.astype(jnp.float32)
+
+
+def check_out_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a float dtype, got {dtype!r}") from e
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of float16, bfloat16, float32, got {dt}")
+    return dt

@@ -1,0 +1,61 @@
+"""In-kernel helpers shared by the Pallas kernels: masked 2-D tile loads/stores and
+TQ4 nibble decoding. Every tile has power-of-two sides (a Triton requirement); masks cover the
+ragged edges, so nothing reads or writes outside an array."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+
+def tile_index(start: Any, size: int, limit: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Indices ``start + arange(size)`` and their in-bounds mask (``< limit``)."""
+    idx = start + jnp.arange(size, dtype=jnp.int32)
+    return idx, idx < limit
+
+
+def load_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, cols: jnp.ndarray,
+              cmask: jnp.ndarray, other: float = 0) -> jnp.ndarray:
+    """Masked gather-load of ``ref[rows, cols]`` as a [len(rows), len(cols)] tile."""
+    return plgpu.load(ref.at[rows[:, None], cols[None, :]],
+                      mask=rmask[:, None] & cmask[None, :], other=other)
+
+
+def store_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, cols: jnp.ndarray,
+               cmask: jnp.ndarray, val: jnp.ndarray) -> None:
+    """Masked store of a [len(rows), len(cols)] tile into ``ref[rows, cols]``."""
+    plgpu.store(ref.at[rows[:, None], cols[None, :]], val.astype(ref.dtype),
+                mask=rmask[:, None] & cmask[None, :])
+
+
+def load_rows(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, other: float = 0) -> jnp.ndarray:
+    """Masked gather-load of a 1-D ``ref[rows]``."""
+    return plgpu.load(ref.at[rows], mask=rmask, other=other)
+
+
+def store_rows(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, val: jnp.ndarray) -> None:
+    """Masked store of a 1-D ``val`` into ``ref[rows]``."""
+    plgpu.store(ref.at[rows], val.astype(ref.dtype), mask=rmask)
+
+
+def split_nibbles(packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 tile -> (even-coordinate codes, odd-coordinate codes) as int32."""
+    p = packed.astype(jnp.int32)
+    return p >> 4, p & 0xF
+
+
+def decode_pair(cent_ref: Any, packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 tile [R, C] -> centroid values (even coords, odd coords), float32 [R, C] each.
+
+    ``cent_ref`` holds the codebook padded to 16 entries, so every nibble is in bounds.
+    """
+    hi, lo = split_nibbles(packed)
+    return cent_ref[hi], cent_ref[lo]
+
+
+def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
+    """[R, C] even and odd columns -> [R, 2C] (lowers to ``tt.join``)."""
+    r, c = even.shape
+    return jnp.stack([even, odd], axis=-1).reshape(r, 2 * c)

@@ -1,0 +1,86 @@
+"""Lloyd-Max codebooks and random rotations (numpy only; built once on the host).
+
+Conventions (LAYOUTS.md, family A): forward rotation is ``y = x @ Pi^T``, inverse ``x = y @ Pi``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MAX_ITERS = 200
+TOL = 1e-10
+TRUNC_SIGMAS = 3.0
+
+
+def _check_dim(dim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if dim < 2:
+        raise ValueError(f"{name} must be >= 2, got {dim}")
+    return int(dim)
+
+
+def _normal_pdf(z: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.array([math.erf(v / math.sqrt(2.0)) for v in z]))
+
+
+def lloyd_max(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd-Max scalar quantizer for one coordinate of a rotated unit vector.
+
+    The coordinate is modelled as N(0, 1/dim) truncated to +-3 sigma (turboquant-vllm's solver).
+    Returns ``(centroids float32 [2**bits], boundaries float32 [2**bits - 1])``, sorted;
+    boundaries are midpoints of neighbouring centroids, symmetric, the middle one exactly 0.
+    """
+    dim = _check_dim(dim)
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    n = 1 << int(bits)
+    sigma = 1.0 / math.sqrt(dim)
+    lo, hi = -TRUNC_SIGMAS * sigma, TRUNC_SIGMAS * sigma
+    c = lo + (hi - lo) * (np.arange(n, dtype=np.float64) + 0.5) / n
+    for _ in range(MAX_ITERS):
+        b = 0.5 * (c[:-1] + c[1:])
+        edges = np.concatenate([[lo], b, [hi]]) / sigma  # standardized interval ends
+        pdf, cdf = _normal_pdf(edges), _normal_cdf(edges)
+        mass = np.maximum(cdf[1:] - cdf[:-1], 1e-300)
+        new_c = sigma * (pdf[:-1] - pdf[1:]) / mass  # E[X | a < X < b] for N(0, sigma^2)
+        moved = np.max(np.abs(new_c - c))
+        c = new_c
+        if moved < TOL:
+            break
+    c = 0.5 * (c - c[::-1])  # exact symmetry: the middle boundary is exactly 0.0
+    b = 0.5 * (c[:-1] + c[1:])
+    return c.astype(np.float32), b.astype(np.float32)
+
+
+def haar_rotation(dim: int, seed: int = 42) -> np.ndarray:
+    """Haar-random orthogonal ``Pi`` float32 [dim, dim]: QR of a seeded Gaussian, sign-fixed.
+
+    Uses numpy's PCG64 stream, so it is not torch's seed-42 matrix: interop passes ``Pi`` as data.
+    """
+    dim = _check_dim(dim)
+    g = np.random.default_rng(seed).standard_normal((dim, dim))
+    q, r = np.linalg.qr(g)
+    q = q * np.sign(np.diag(r))[None, :]
+    return q.astype(np.float32)
+
+
+def hadamard_rotation(dim: int, seed: int | None = None) -> np.ndarray:
+    """``Pi = H diag(s) / sqrt(dim)`` float32 [dim, dim], H the Sylvester Hadamard matrix.
+
+    ``seed=None``: s = 1; otherwise s are seeded random signs. ``dim`` must be a power of two.
+    """
+    dim = _check_dim(dim)
+    if dim & (dim - 1):
+        raise ValueError(f"hadamard_rotation needs a power-of-two dim, got {dim}")
+    h = np.ones((1, 1))
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    s = np.ones(dim) if seed is None else np.random.default_rng(seed).choice([-1.0, 1.0], dim)
+    return (h * s[None, :] / math.sqrt(dim)).astype(np.float32)

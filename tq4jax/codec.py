@@ -1,0 +1,259 @@
+"""TQ4 codec: compress / decompress / dequantize (LAYOUTS.md family A).
+
+Each op has a Pallas-Triton kernel, a pure-jnp reference with the same math, and a public
+wrapper that checks arguments and picks one (``impl=``). Rows are flattened: any leading shape.
+
+* compress:   x [..., D] f16/bf16/f32 -> packed uint8 [..., D/2], norms f32 [...]
+* decompress: packed, norms -> y [..., D] in rotated space, ``y = c[idx] * norm``
+* dequantize: packed, norms -> x_hat [..., D] in original space, ``x_hat = y @ Pi``
+
+The kernels never slice a loaded value (it does not lower): the rotation is pre-split into its
+even and odd output columns so even/odd codes come out of two dots, ready to nibble-pack.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _checks as ck
+from ._config import (KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl,
+                      rotation_precision)
+from ._tiles import (decode_pair, interleave, load_rows, load_tile, store_rows, store_tile,
+                     tile_index)
+from .layout import NORM_EPS, pack_nibbles, pad_codebook, unpack_nibbles
+
+DEFAULT_BLOCK_ROWS = 64
+
+
+def padded_dims(d: int) -> tuple[int, int]:
+    """(Dp, Hp): head_dim and half head_dim padded to kernel tile sizes (powers of two, >= 16)."""
+    dp = max(32, next_pow2(d))
+    return dp, dp // 2
+
+
+def split_rotation_t(rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Pi [D, D] -> (Pi^T even columns, Pi^T odd columns), each [Dp, Hp] zero-padded f32."""
+    d = rotation.shape[0]
+    dp, hp = padded_dims(d)
+    pad = ((0, dp - d), (0, hp - d // 2))
+    rt = rotation.astype(jnp.float32).T
+    return jnp.pad(rt[:, 0::2], pad), jnp.pad(rt[:, 1::2], pad)
+
+
+def split_rotation(rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Pi [D, D] -> (even rows, odd rows) of Pi, each [Hp, Dp] zero-padded f32.
+
+    ``y @ Pi == y_even @ Pi[0::2] + y_odd @ Pi[1::2]``: the inverse rotation of decoded codes
+    needs no interleave.
+    """
+    d = rotation.shape[0]
+    dp, hp = padded_dims(d)
+    pad = ((0, hp - d // 2), (0, dp - d))
+    r = rotation.astype(jnp.float32)
+    return jnp.pad(r[0::2], pad), jnp.pad(r[1::2], pad)
+
+
+def bucketize(y: jnp.ndarray, bnd_ref: Any, n_bounds: int) -> jnp.ndarray:
+    """Code index = number of boundaries <= y (a value on a boundary goes up); int32."""
+    idx = jnp.zeros(y.shape, jnp.int32)
+    for j in range(n_bounds):
+        idx += (y >= bnd_ref[j]).astype(jnp.int32)
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# compress
+# ----------------------------------------------------------------------------------------------
+
+def _compress_kernel(x_ref, rte_ref, rto_ref, bnd_ref, packed_ref, norm_ref, *,
+                     block_rows: int, n_bounds: int, precision: Any):
+    n, d = x_ref.shape
+    dp, hp = rte_ref.shape
+    rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
+    cols, cmask = tile_index(0, dp, d)
+    x = load_tile(x_ref, rows, rmask, cols, cmask).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=1))
+    u = x / (norm[:, None] + NORM_EPS)
+    dot = partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+    y_even = dot(u, rte_ref[...])
+    y_odd = dot(u, rto_ref[...])
+    code = (bucketize(y_even, bnd_ref, n_bounds) << 4) | bucketize(y_odd, bnd_ref, n_bounds)
+    hcols, hmask = tile_index(0, hp, d // 2)
+    store_tile(packed_ref, rows, rmask, hcols, hmask, code)
+    store_rows(norm_ref, rows, rmask, norm)
+
+
+@partial(jax.jit, static_argnames=("block_rows", "mode"))
+def _compress_pallas(x: jnp.ndarray, rotation: jnp.ndarray, boundaries: jnp.ndarray, *,
+                     block_rows: int, mode: KernelMode) -> tuple[jnp.ndarray, jnp.ndarray]:
+    n, d = x.shape
+    rte, rto = split_rotation_t(rotation)
+    kernel = partial(_compress_kernel, block_rows=block_rows, n_bounds=boundaries.shape[0],
+                     precision=rotation_precision(mode.interpret))
+    return pallas_call(
+        kernel, mode=mode,
+        grid=(pl.cdiv(n, block_rows),),
+        out_shape=(jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
+                   jax.ShapeDtypeStruct((n,), jnp.float32)),
+        num_warps=4, num_stages=1,
+    )(x, rte, rto, boundaries)
+
+
+def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
+                       boundaries: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Pure-jnp compress of rows x [N, D] (float32 math)."""
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1))
+    u = xf / (norm[..., None] + NORM_EPS)
+    y = jnp.matmul(u, rotation.T, precision=lax.Precision.HIGHEST)
+    idx = jnp.sum(y[..., None] >= boundaries, axis=-1)
+    return pack_nibbles(idx), norm
+
+
+def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
+             block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Quantize vectors to 4-bit TQ4 codes.
+
+    Args:
+      x: [..., D] float16/bfloat16/float32, D even.
+      rotation: Pi, float32 [D, D] orthogonal; the kernel rotates ``y = x @ Pi^T``.
+      boundaries: float32 [2**bits - 1], sorted (from :func:`lloyd_max`).
+    Returns:
+      ``(packed uint8 [..., D/2], norms float32 [...])``; high nibble = even coordinate.
+    """
+    x = ck.as_array("x", x)
+    ck.check_float("x", x)
+    ck.check_ndim("x", x, tuple(range(1, 16)), "[..., head_dim]")
+    d = x.shape[-1]
+    ck.check_head_dim("x", d)
+    rotation = ck.check_rotation(rotation, d)
+    boundaries = ck.check_boundaries(boundaries)
+    lead = tuple(x.shape[:-1])
+    rows = x.reshape(-1, d)
+    if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
+        packed, norms = compress_reference(rows, rotation, boundaries)
+    else:
+        packed, norms = _compress_pallas(rows, rotation, boundaries, block_rows=block_rows,
+                                         mode=kernel_mode())
+    return packed.reshape(lead + (d // 2,)), norms.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# decompress (rotated space) and dequantize (original space)
+# ----------------------------------------------------------------------------------------------
+
+def _decode_rows(packed_ref, norm_ref, cent_ref, block_rows: int, hp: int):
+    """Load one row block: (rows, rmask, even centroids, odd centroids, norms)."""
+    n, h = packed_ref.shape
+    rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
+    hcols, hmask = tile_index(0, hp, h)
+    p = load_tile(packed_ref, rows, rmask, hcols, hmask)
+    norm = load_rows(norm_ref, rows, rmask)
+    c_even, c_odd = decode_pair(cent_ref, p)
+    return rows, rmask, c_even, c_odd, norm
+
+
+def _decompress_kernel(packed_ref, norm_ref, cent_ref, out_ref, *, block_rows: int, hp: int):
+    rows, rmask, c_even, c_odd, norm = _decode_rows(packed_ref, norm_ref, cent_ref,
+                                                    block_rows, hp)
+    y = interleave(c_even, c_odd) * norm[:, None]
+    cols, cmask = tile_index(0, 2 * hp, out_ref.shape[1])
+    store_tile(out_ref, rows, rmask, cols, cmask, y)
+
+
+def _dequantize_kernel(packed_ref, norm_ref, cent_ref, pe_ref, po_ref, out_ref, *,
+                       block_rows: int, hp: int, precision: Any):
+    rows, rmask, c_even, c_odd, norm = _decode_rows(packed_ref, norm_ref, cent_ref,
+                                                    block_rows, hp)
+    dot = partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+    x = (dot(c_even, pe_ref[...]) + dot(c_odd, po_ref[...])) * norm[:, None]
+    cols, cmask = tile_index(0, pe_ref.shape[1], out_ref.shape[1])
+    store_tile(out_ref, rows, rmask, cols, cmask, x)
+
+
+@partial(jax.jit, static_argnames=("dtype", "block_rows", "mode"))
+def _decompress_pallas(packed, norms, centroids, *, dtype, block_rows, mode):
+    n, h = packed.shape
+    _, hp = padded_dims(2 * h)
+    kernel = partial(_decompress_kernel, block_rows=block_rows, hp=hp)
+    return pallas_call(
+        kernel, mode=mode, grid=(pl.cdiv(n, block_rows),),
+        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=4, num_stages=1,
+    )(packed, norms, pad_codebook(centroids))
+
+
+@partial(jax.jit, static_argnames=("dtype", "block_rows", "mode"))
+def _dequantize_pallas(packed, norms, centroids, rotation, *, dtype, block_rows, mode):
+    n, h = packed.shape
+    _, hp = padded_dims(2 * h)
+    pe, po = split_rotation(rotation)
+    kernel = partial(_dequantize_kernel, block_rows=block_rows, hp=hp,
+                     precision=rotation_precision(mode.interpret))
+    return pallas_call(
+        kernel, mode=mode, grid=(pl.cdiv(n, block_rows),),
+        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=4, num_stages=1,
+    )(packed, norms, pad_codebook(centroids), pe, po)
+
+
+def decompress_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
+                         dtype: Any = jnp.float16) -> jnp.ndarray:
+    """Pure-jnp decompress: ``c[idx] * norm`` in rotated space, cast to ``dtype``."""
+    y = pad_codebook(centroids)[unpack_nibbles(packed)] * norms[..., None]
+    return y.astype(dtype)
+
+
+def dequantize_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
+                         rotation: jnp.ndarray, dtype: Any = jnp.float16) -> jnp.ndarray:
+    """Pure-jnp dequantize: ``(c[idx] * norm) @ Pi`` in original space, cast to ``dtype``."""
+    y = decompress_reference(packed, norms, centroids, jnp.float32)
+    return jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST).astype(dtype)
+
+
+def _decode_args(packed, norms, centroids, dtype):
+    packed, norms = ck.check_packed(packed, norms)
+    centroids = ck.check_centroids(centroids)
+    dtype = ck.check_out_dtype(dtype)
+    lead, h = tuple(packed.shape[:-1]), packed.shape[-1]
+    return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead
+
+
+def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16, *,
+               impl: str = "auto", block_rows: int = DEFAULT_BLOCK_ROWS) -> jnp.ndarray:
+    """TQ4 codes -> vectors in rotated space.
+
+    Args:
+      packed: uint8 [..., D/2]; norms: float32 [...] or [..., 1]; centroids: float32 [2**bits].
+      dtype: output dtype (float16, bfloat16 or float32).
+    Returns:
+      ``centroids[idx] * norm``, [..., D] of ``dtype``.
+    """
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    if resolve_impl(impl) == "reference" or p.shape[0] == 0:
+        y = decompress_reference(p, n, c, dtype)
+    else:
+        y = _decompress_pallas(p, n, c, dtype=dtype, block_rows=block_rows,
+                               mode=kernel_mode())
+    return y.reshape(lead + (y.shape[-1],))
+
+
+def dequantize(packed: Any, norms: Any, centroids: Any, rotation: Any,
+               dtype: Any = jnp.float16, *, impl: str = "auto",
+               block_rows: int = DEFAULT_BLOCK_ROWS) -> jnp.ndarray:
+    """TQ4 codes -> vectors in original space, ``(centroids[idx] * norm) @ Pi``.
+
+    Shapes as :func:`decompress`, plus ``rotation`` float32 [D, D].
+    """
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    rotation = ck.check_rotation(rotation, 2 * p.shape[-1])
+    if resolve_impl(impl) == "reference" or p.shape[0] == 0:
+        x = dequantize_reference(p, n, c, rotation, dtype)
+    else:
+        x = _dequantize_pallas(p, n, c, rotation, dtype=dtype, block_rows=block_rows,
+                               mode=kernel_mode())
+    return x.reshape(lead + (x.shape[-1],))
