@@ -101,3 +101,11 @@ def check_out_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be one of float16, bfloat16, float32, got {dt}")
     return dt
+
+
+def check_pow2(name: str, value: Any, lo: int = 1, hi: int = 4096) -> int:
+    """A tuning knob that must be a power-of-two int in [lo, hi] (Triton tile sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value & (value - 1) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a power-of-two int in [{lo}, {hi}], got {value!r}")
+    return value

@@ -28,7 +28,7 @@ from ._tiles import (decode_pair, interleave, load_rows, load_tile, store_rows, 
                      tile_index)
 from .layout import NORM_EPS, pack_nibbles, pad_codebook, unpack_nibbles
 
-DEFAULT_BLOCK_ROWS = 64
+DEFAULT_BLOCK_ROWS = 64  # rows per program; tuned on an H100 (bench/codec.py)
 
 
 def padded_dims(d: int) -> tuple[int, int]:
@@ -89,9 +89,10 @@ def _compress_kernel(x_ref, rte_ref, rto_ref, bnd_ref, packed_ref, norm_ref, *,
     store_rows(norm_ref, rows, rmask, norm)
 
 
-@partial(jax.jit, static_argnames=("block_rows", "mode"))
+@partial(jax.jit, static_argnames=("block_rows", "num_warps", "mode"))
 def _compress_pallas(x: jnp.ndarray, rotation: jnp.ndarray, boundaries: jnp.ndarray, *,
-                     block_rows: int, mode: KernelMode) -> tuple[jnp.ndarray, jnp.ndarray]:
+                     block_rows: int, num_warps: int,
+                     mode: KernelMode) -> tuple[jnp.ndarray, jnp.ndarray]:
     n, d = x.shape
     rte, rto = split_rotation_t(rotation)
     kernel = partial(_compress_kernel, block_rows=block_rows, n_bounds=boundaries.shape[0],
@@ -101,7 +102,7 @@ def _compress_pallas(x: jnp.ndarray, rotation: jnp.ndarray, boundaries: jnp.ndar
         grid=(pl.cdiv(n, block_rows),),
         out_shape=(jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
                    jax.ShapeDtypeStruct((n,), jnp.float32)),
-        num_warps=4, num_stages=1,
+        num_warps=num_warps, num_stages=1,
     )(x, rte, rto, boundaries)
 
 
@@ -117,7 +118,8 @@ def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
 
 
 def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
-             block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[jnp.ndarray, jnp.ndarray]:
+             block_rows: int = DEFAULT_BLOCK_ROWS,
+             num_warps: int = 4) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantize vectors to 4-bit TQ4 codes.
 
     Args:
@@ -136,10 +138,13 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
     boundaries = ck.check_boundaries(boundaries)
     lead = tuple(x.shape[:-1])
     rows = x.reshape(-1, d)
+    ck.check_pow2("block_rows", block_rows, 16)
+    ck.check_pow2("num_warps", num_warps, 1, 16)
     if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
         packed, norms = compress_reference(rows, rotation, boundaries)
     else:
         packed, norms = _compress_pallas(rows, rotation, boundaries, block_rows=block_rows,
+                                         num_warps=num_warps,
                                          mode=kernel_mode())
     return packed.reshape(lead + (d // 2,)), norms.reshape(lead)
 
@@ -177,19 +182,20 @@ def _dequantize_kernel(packed_ref, norm_ref, cent_ref, pe_ref, po_ref, out_ref, 
     store_tile(out_ref, rows, rmask, cols, cmask, x)
 
 
-@partial(jax.jit, static_argnames=("dtype", "block_rows", "mode"))
-def _decompress_pallas(packed, norms, centroids, *, dtype, block_rows, mode):
+@partial(jax.jit, static_argnames=("dtype", "block_rows", "num_warps", "mode"))
+def _decompress_pallas(packed, norms, centroids, *, dtype, block_rows, num_warps, mode):
     n, h = packed.shape
     _, hp = padded_dims(2 * h)
     kernel = partial(_decompress_kernel, block_rows=block_rows, hp=hp)
     return pallas_call(
         kernel, mode=mode, grid=(pl.cdiv(n, block_rows),),
-        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=4, num_stages=1,
+        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=num_warps,
+        num_stages=1,
     )(packed, norms, pad_codebook(centroids))
 
 
-@partial(jax.jit, static_argnames=("dtype", "block_rows", "mode"))
-def _dequantize_pallas(packed, norms, centroids, rotation, *, dtype, block_rows, mode):
+@partial(jax.jit, static_argnames=("dtype", "block_rows", "num_warps", "mode"))
+def _dequantize_pallas(packed, norms, centroids, rotation, *, dtype, block_rows, num_warps, mode):
     n, h = packed.shape
     _, hp = padded_dims(2 * h)
     pe, po = split_rotation(rotation)
@@ -197,7 +203,8 @@ def _dequantize_pallas(packed, norms, centroids, rotation, *, dtype, block_rows,
                      precision=rotation_precision(mode.interpret))
     return pallas_call(
         kernel, mode=mode, grid=(pl.cdiv(n, block_rows),),
-        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=4, num_stages=1,
+        out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=num_warps,
+        num_stages=1,
     )(packed, norms, pad_codebook(centroids), pe, po)
 
 
@@ -215,7 +222,9 @@ def dequantize_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp
     return jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST).astype(dtype)
 
 
-def _decode_args(packed, norms, centroids, dtype):
+def _decode_args(packed, norms, centroids, dtype, block_rows, num_warps):
+    ck.check_pow2("block_rows", block_rows, 16)
+    ck.check_pow2("num_warps", num_warps, 1, 16)
     packed, norms = ck.check_packed(packed, norms)
     centroids = ck.check_centroids(centroids)
     dtype = ck.check_out_dtype(dtype)
@@ -224,7 +233,8 @@ def _decode_args(packed, norms, centroids, dtype):
 
 
 def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16, *,
-               impl: str = "auto", block_rows: int = DEFAULT_BLOCK_ROWS) -> jnp.ndarray:
+               impl: str = "auto", block_rows: int = DEFAULT_BLOCK_ROWS,
+               num_warps: int = 4) -> jnp.ndarray:
     """TQ4 codes -> vectors in rotated space.
 
     Args:
@@ -233,27 +243,28 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
     Returns:
       ``centroids[idx] * norm``, [..., D] of ``dtype``.
     """
-    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype, block_rows, num_warps)
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         y = decompress_reference(p, n, c, dtype)
     else:
-        y = _decompress_pallas(p, n, c, dtype=dtype, block_rows=block_rows,
+        y = _decompress_pallas(p, n, c, dtype=dtype, block_rows=block_rows, num_warps=num_warps,
                                mode=kernel_mode())
     return y.reshape(lead + (y.shape[-1],))
 
 
 def dequantize(packed: Any, norms: Any, centroids: Any, rotation: Any,
                dtype: Any = jnp.float16, *, impl: str = "auto",
-               block_rows: int = DEFAULT_BLOCK_ROWS) -> jnp.ndarray:
+               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4) -> jnp.ndarray:
     """TQ4 codes -> vectors in original space, ``(centroids[idx] * norm) @ Pi``.
 
     Shapes as :func:`decompress`, plus ``rotation`` float32 [D, D].
     """
-    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype, block_rows, num_warps)
     rotation = ck.check_rotation(rotation, 2 * p.shape[-1])
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         x = dequantize_reference(p, n, c, rotation, dtype)
     else:
         x = _dequantize_pallas(p, n, c, rotation, dtype=dtype, block_rows=block_rows,
+                               num_warps=num_warps,
                                mode=kernel_mode())
     return x.reshape(lead + (x.shape[-1],))
