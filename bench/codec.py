@@ -62,9 +62,9 @@ def main() -> None:
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append((name, ms, gbs, gbs / copy))
 
-    cfgs = [(64, 4)]
+    cfgs = [(None, 8)]
     if a.sweep:
-        cfgs = [(br, nw) for br in (32, 64, 128) for nw in (4, 8)]
+        cfgs = [(br, nw) for br in (64, 128, 256) for nw in (4, 8)]
     for br, nw in cfgs:
         kw = dict(impl=impl, block_rows=br, num_warps=nw) if impl == "pallas" else dict(impl=impl)
         tag = f"[{impl} br={br} nw={nw}]" if impl == "pallas" else f"[{impl}]"

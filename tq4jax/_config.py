@@ -17,7 +17,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -68,14 +67,6 @@ def _poison_value(dtype: Any) -> Any:
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.nan
     return 0xAB if dtype == jnp.uint8 else -0x5A5A5A5
-
-
-def rotation_precision(interpret: bool) -> Any:
-    """Dot precision for fp32 rotations: 3-pass TF32 on tensor cores (about fp32 accuracy).
-
-    Interpret mode runs on the CPU, where HIGHEST is plain fp32.
-    """
-    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def pallas_call(kernel: Callable, *, mode: KernelMode, out_shape: Any, grid: tuple,

@@ -4,10 +4,14 @@ ragged edges, so nothing reads or writes outside an array."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
+
+#: Scale of the low half in a two-fp16 split (keeps the low half out of fp16 subnormals).
+SPLIT_SCALE = 2048.0
 
 
 def tile_index(start: Any, size: int, limit: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -59,3 +63,28 @@ def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
     """[R, C] even and odd columns -> [R, 2C] (lowers to ``tt.join``)."""
     r, c = even.shape
     return jnp.stack([even, odd], axis=-1).reshape(r, 2 * c)
+
+
+def split16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 -> (hi, lo) float16 with ``x ~= hi + lo / SPLIT_SCALE`` to about 2**-22 relative.
+
+    Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks).
+    """
+    hi = x.astype(jnp.float16)
+    lo = ((x - hi.astype(jnp.float32)) * SPLIT_SCALE).astype(jnp.float16)
+    return hi, lo
+
+
+_dot32 = partial(jnp.dot, preferred_element_type=jnp.float32)
+
+
+def dot_split(a_hi: jnp.ndarray, a_lo: jnp.ndarray | None, b_hi: jnp.ndarray,
+              b_lo: jnp.ndarray) -> jnp.ndarray:
+    """float32-accurate ``a @ b`` from fp16 halves on tensor cores (2 or 3 fp16 dots).
+
+    ``a_lo=None`` when ``a`` is exactly fp16 (e.g. fp16 inputs). The lo*lo term is dropped.
+    """
+    small = _dot32(a_hi, b_lo)
+    if a_lo is not None:
+        small = small + _dot32(a_lo, b_hi)
+    return _dot32(a_hi, b_hi) + small * (1.0 / SPLIT_SCALE)

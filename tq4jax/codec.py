@@ -22,13 +22,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _checks as ck
-from ._config import (KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl,
-                      rotation_precision)
-from ._tiles import (decode_pair, interleave, load_rows, load_tile, store_rows, store_tile,
-                     tile_index)
+from ._config import KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl
+from ._tiles import (decode_pair, dot_split, interleave, load_rows, load_tile, split16,
+                     split_nibbles, store_rows, store_tile, tile_index)
 from .layout import NORM_EPS, pack_nibbles, pad_codebook, unpack_nibbles
 
-DEFAULT_BLOCK_ROWS = 64  # rows per program; tuned on an H100 (bench/codec.py)
 
 
 def padded_dims(d: int) -> tuple[int, int]:
@@ -37,17 +35,23 @@ def padded_dims(d: int) -> tuple[int, int]:
     return dp, dp // 2
 
 
-def split_rotation_t(rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Pi [D, D] -> (Pi^T even columns, Pi^T odd columns), each [Dp, Hp] zero-padded f32."""
+def default_block_rows(d: int) -> int:
+    """Rows per program: 128 up to D=128, fewer above (shared memory of the dot operands)."""
+    return 128 if d <= 128 else 64
+
+
+def rotation_t_halves(rotation: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """Pi [D, D] -> Pi^T even columns (hi, lo) and odd columns (hi, lo): fp16 [Dp, Hp] each,
+    zero-padded; ``u @ Pi^T[:, 0::2]`` gives the even coordinates of the rotated vector."""
     d = rotation.shape[0]
     dp, hp = padded_dims(d)
     pad = ((0, dp - d), (0, hp - d // 2))
     rt = rotation.astype(jnp.float32).T
-    return jnp.pad(rt[:, 0::2], pad), jnp.pad(rt[:, 1::2], pad)
+    return (*split16(jnp.pad(rt[:, 0::2], pad)), *split16(jnp.pad(rt[:, 1::2], pad)))
 
 
-def split_rotation(rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Pi [D, D] -> (even rows, odd rows) of Pi, each [Hp, Dp] zero-padded f32.
+def rotation_halves(rotation: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """Pi [D, D] -> even rows (hi, lo) and odd rows (hi, lo) of Pi: fp16 [Hp, Dp] each.
 
     ``y @ Pi == y_even @ Pi[0::2] + y_odd @ Pi[1::2]``: the inverse rotation of decoded codes
     needs no interleave.
@@ -56,7 +60,7 @@ def split_rotation(rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     dp, hp = padded_dims(d)
     pad = ((0, hp - d // 2), (0, dp - d))
     r = rotation.astype(jnp.float32)
-    return jnp.pad(r[0::2], pad), jnp.pad(r[1::2], pad)
+    return (*split16(jnp.pad(r[0::2], pad)), *split16(jnp.pad(r[1::2], pad)))
 
 
 def bucketize(y: jnp.ndarray, bnd_ref: Any, n_bounds: int) -> jnp.ndarray:
@@ -71,21 +75,29 @@ def bucketize(y: jnp.ndarray, bnd_ref: Any, n_bounds: int) -> jnp.ndarray:
 # compress
 # ----------------------------------------------------------------------------------------------
 
-def _compress_kernel(x_ref, rte_ref, rto_ref, bnd_ref, packed_ref, norm_ref, *,
-                     block_rows: int, n_bounds: int, precision: Any):
+def _compress_kernel(x_ref, reh_ref, rel_ref, roh_ref, rol_ref, bnd_ref, packed_ref, norm_ref,
+                     *, block_rows: int, n_bounds: int, chunk: int):
     n, d = x_ref.shape
-    dp, hp = rte_ref.shape
+    dp, hp = reh_ref.shape
     rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
     cols, cmask = tile_index(0, dp, d)
-    x = load_tile(x_ref, rows, rmask, cols, cmask).astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=1))
-    u = x / (norm[:, None] + NORM_EPS)
-    dot = partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
-    y_even = dot(u, rte_ref[...])
-    y_odd = dot(u, rto_ref[...])
-    code = (bucketize(y_even, bnd_ref, n_bounds) << 4) | bucketize(y_odd, bnd_ref, n_bounds)
-    hcols, hmask = tile_index(0, hp, d // 2)
-    store_tile(packed_ref, rows, rmask, hcols, hmask, code)
+    x = load_tile(x_ref, rows, rmask, cols, cmask)
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=1))
+    denom = (norm + NORM_EPS)[:, None]
+    if x.dtype == jnp.float16:   # exact in fp16: rotate x itself, normalize after (2 dots)
+        a_hi, a_lo = x, None
+    else:                        # rotate u = x / (norm + eps) split into two fp16 halves
+        a_hi, a_lo = split16(xf / denom)
+    for j in range(hp // chunk):
+        sl = pl.ds(j * chunk, chunk)
+        y_even = dot_split(a_hi, a_lo, reh_ref[:, sl], rel_ref[:, sl])
+        y_odd = dot_split(a_hi, a_lo, roh_ref[:, sl], rol_ref[:, sl])
+        if a_lo is None:
+            y_even, y_odd = y_even / denom, y_odd / denom
+        code = (bucketize(y_even, bnd_ref, n_bounds) << 4) | bucketize(y_odd, bnd_ref, n_bounds)
+        hcols, hmask = tile_index(j * chunk, chunk, d // 2)
+        store_tile(packed_ref, rows, rmask, hcols, hmask, code)
     store_rows(norm_ref, rows, rmask, norm)
 
 
@@ -94,16 +106,17 @@ def _compress_pallas(x: jnp.ndarray, rotation: jnp.ndarray, boundaries: jnp.ndar
                      block_rows: int, num_warps: int,
                      mode: KernelMode) -> tuple[jnp.ndarray, jnp.ndarray]:
     n, d = x.shape
-    rte, rto = split_rotation_t(rotation)
+    halves = rotation_t_halves(rotation)
+    hp = halves[0].shape[1]
     kernel = partial(_compress_kernel, block_rows=block_rows, n_bounds=boundaries.shape[0],
-                     precision=rotation_precision(mode.interpret))
+                     chunk=min(hp, 64))
     return pallas_call(
         kernel, mode=mode,
         grid=(pl.cdiv(n, block_rows),),
         out_shape=(jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
                    jax.ShapeDtypeStruct((n,), jnp.float32)),
         num_warps=num_warps, num_stages=1,
-    )(x, rte, rto, boundaries)
+    )(x, *halves, boundaries)
 
 
 def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
@@ -118,8 +131,8 @@ def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
 
 
 def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
-             block_rows: int = DEFAULT_BLOCK_ROWS,
-             num_warps: int = 4) -> tuple[jnp.ndarray, jnp.ndarray]:
+             block_rows: int | None = None,
+             num_warps: int = 8) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantize vectors to 4-bit TQ4 codes.
 
     Args:
@@ -138,7 +151,7 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
     boundaries = ck.check_boundaries(boundaries)
     lead = tuple(x.shape[:-1])
     rows = x.reshape(-1, d)
-    ck.check_pow2("block_rows", block_rows, 16)
+    block_rows = ck.check_pow2("block_rows", block_rows or default_block_rows(d), 16)
     ck.check_pow2("num_warps", num_warps, 1, 16)
     if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
         packed, norms = compress_reference(rows, rotation, boundaries)
@@ -172,14 +185,22 @@ def _decompress_kernel(packed_ref, norm_ref, cent_ref, out_ref, *, block_rows: i
     store_tile(out_ref, rows, rmask, cols, cmask, y)
 
 
-def _dequantize_kernel(packed_ref, norm_ref, cent_ref, pe_ref, po_ref, out_ref, *,
-                       block_rows: int, hp: int, precision: Any):
-    rows, rmask, c_even, c_odd, norm = _decode_rows(packed_ref, norm_ref, cent_ref,
-                                                    block_rows, hp)
-    dot = partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
-    x = (dot(c_even, pe_ref[...]) + dot(c_odd, po_ref[...])) * norm[:, None]
-    cols, cmask = tile_index(0, pe_ref.shape[1], out_ref.shape[1])
-    store_tile(out_ref, rows, rmask, cols, cmask, x)
+def _dequantize_kernel(packed_ref, norm_ref, chi_ref, clo_ref, peh_ref, pel_ref, poh_ref,
+                       pol_ref, out_ref, *, block_rows: int, chunk: int):
+    n, h = packed_ref.shape
+    hp, dp = peh_ref.shape
+    rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
+    hcols, hmask = tile_index(0, hp, h)
+    even, odd = split_nibbles(load_tile(packed_ref, rows, rmask, hcols, hmask))
+    norm = load_rows(norm_ref, rows, rmask)[:, None]
+    # codebook pre-split into fp16 halves: two gathers per code, fp32-accurate dots
+    ce_hi, ce_lo, co_hi, co_lo = chi_ref[even], clo_ref[even], chi_ref[odd], clo_ref[odd]
+    for j in range(dp // chunk):
+        sl = pl.ds(j * chunk, chunk)
+        x = (dot_split(ce_hi, ce_lo, peh_ref[:, sl], pel_ref[:, sl])
+             + dot_split(co_hi, co_lo, poh_ref[:, sl], pol_ref[:, sl]))
+        cols, cmask = tile_index(j * chunk, chunk, out_ref.shape[1])
+        store_tile(out_ref, rows, rmask, cols, cmask, x * norm)
 
 
 @partial(jax.jit, static_argnames=("dtype", "block_rows", "num_warps", "mode"))
@@ -198,14 +219,13 @@ def _decompress_pallas(packed, norms, centroids, *, dtype, block_rows, num_warps
 def _dequantize_pallas(packed, norms, centroids, rotation, *, dtype, block_rows, num_warps, mode):
     n, h = packed.shape
     _, hp = padded_dims(2 * h)
-    pe, po = split_rotation(rotation)
-    kernel = partial(_dequantize_kernel, block_rows=block_rows, hp=hp,
-                     precision=rotation_precision(mode.interpret))
+    halves = rotation_halves(rotation)
+    kernel = partial(_dequantize_kernel, block_rows=block_rows, chunk=min(2 * hp, 128))
     return pallas_call(
         kernel, mode=mode, grid=(pl.cdiv(n, block_rows),),
         out_shape=jax.ShapeDtypeStruct((n, 2 * h), dtype), num_warps=num_warps,
         num_stages=1,
-    )(packed, norms, pad_codebook(centroids), pe, po)
+    )(packed, norms, *split16(pad_codebook(centroids)), *halves)
 
 
 def decompress_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
@@ -223,18 +243,18 @@ def dequantize_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp
 
 
 def _decode_args(packed, norms, centroids, dtype, block_rows, num_warps):
-    ck.check_pow2("block_rows", block_rows, 16)
-    ck.check_pow2("num_warps", num_warps, 1, 16)
     packed, norms = ck.check_packed(packed, norms)
+    block_rows = ck.check_pow2("block_rows", block_rows or 64, 16)
+    ck.check_pow2("num_warps", num_warps, 1, 16)
     centroids = ck.check_centroids(centroids)
     dtype = ck.check_out_dtype(dtype)
     lead, h = tuple(packed.shape[:-1]), packed.shape[-1]
-    return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead
+    return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead, block_rows
 
 
 def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16, *,
-               impl: str = "auto", block_rows: int = DEFAULT_BLOCK_ROWS,
-               num_warps: int = 4) -> jnp.ndarray:
+               impl: str = "auto", block_rows: int | None = None,
+               num_warps: int = 8) -> jnp.ndarray:
     """TQ4 codes -> vectors in rotated space.
 
     Args:
@@ -243,7 +263,8 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
     Returns:
       ``centroids[idx] * norm``, [..., D] of ``dtype``.
     """
-    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype, block_rows, num_warps)
+    p, n, c, dtype, lead, block_rows = _decode_args(packed, norms, centroids, dtype, block_rows,
+                                                    num_warps)
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         y = decompress_reference(p, n, c, dtype)
     else:
@@ -254,12 +275,13 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
 
 def dequantize(packed: Any, norms: Any, centroids: Any, rotation: Any,
                dtype: Any = jnp.float16, *, impl: str = "auto",
-               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4) -> jnp.ndarray:
+               block_rows: int | None = None, num_warps: int = 8) -> jnp.ndarray:
     """TQ4 codes -> vectors in original space, ``(centroids[idx] * norm) @ Pi``.
 
     Shapes as :func:`decompress`, plus ``rotation`` float32 [D, D].
     """
-    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype, block_rows, num_warps)
+    p, n, c, dtype, lead, block_rows = _decode_args(packed, norms, centroids, dtype, block_rows,
+                                                    num_warps)
     rotation = ck.check_rotation(rotation, 2 * p.shape[-1])
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         x = dequantize_reference(p, n, c, rotation, dtype)
