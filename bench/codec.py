@@ -62,12 +62,12 @@ def main() -> None:
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append((name, ms, gbs, gbs / copy))
 
-    cfgs = [(None, 8)]
+    cfgs = [(None, None)]
     if a.sweep:
         cfgs = [(br, nw) for br in (64, 128, 256) for nw in (4, 8)]
     for br, nw in cfgs:
         kw = dict(impl=impl, block_rows=br, num_warps=nw) if impl == "pallas" else dict(impl=impl)
-        tag = f"[{impl} br={br} nw={nw}]" if impl == "pallas" else f"[{impl}]"
+        tag = f"[{impl} br={br or 'auto'} nw={nw or 'auto'}]" if impl == "pallas" else f"[{impl}]"
         run(f"compress {tag}", lambda x: tq.compress(x, rot, bnd, **kw), (x,), b_x + b_p)
         p, nr = jax.jit(lambda x: tq.compress(x, rot, bnd, **kw))(x)
         run(f"decompress fp16 {tag}", lambda p, r: tq.decompress(p, r, cent, **kw), (p, nr),

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 #: Scale of the low half in a two-fp16 split (keeps the low half out of fp16 subnormals).
@@ -66,13 +67,16 @@ def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
 
 
 def split16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """float32 -> (hi, lo) float16 with ``x ~= hi + lo / SPLIT_SCALE`` to about 2**-22 relative.
+    """float32 -> (hi, lo) float16 with ``x ~= hi + lo / SPLIT_SCALE`` to about 2**-21 relative.
 
-    Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks).
+    Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks). ``hi`` is
+    ``x`` with its mantissa truncated to fp16's 10 bits by bit masking: a float round trip
+    (f32 -> f16 -> f32) would be folded away by XLA's excess-precision rewrite on the GPU.
     """
-    hi = x.astype(jnp.float16)
-    lo = ((x - hi.astype(jnp.float32)) * SPLIT_SCALE).astype(jnp.float16)
-    return hi, lo
+    x = x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFE000)
+    hi32 = lax.bitcast_convert_type(bits, jnp.float32)
+    return hi32.astype(jnp.float16), ((x - hi32) * SPLIT_SCALE).astype(jnp.float16)
 
 
 _dot32 = partial(jnp.dot, preferred_element_type=jnp.float32)

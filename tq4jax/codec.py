@@ -35,9 +35,15 @@ def padded_dims(d: int) -> tuple[int, int]:
     return dp, dp // 2
 
 
-def default_block_rows(d: int) -> int:
-    """Rows per program: 128 up to D=128, fewer above (shared memory of the dot operands)."""
-    return 128 if d <= 128 else 64
+#: (rows per program, warps) per op, measured on an H200 at D=128 (bench/codec.py --sweep).
+DEFAULT_TILING = {"compress": (64, 4), "decompress": (64, 8), "dequantize": (64, 4)}
+
+
+def tiling(op: str, block_rows: int | None, num_warps: int | None) -> tuple[int, int]:
+    """Resolve and check the (block_rows, num_warps) knobs of ``op``."""
+    br, nw = DEFAULT_TILING[op]
+    return (ck.check_pow2("block_rows", block_rows or br, 16),
+            ck.check_pow2("num_warps", num_warps or nw, 1, 16))
 
 
 def rotation_t_halves(rotation: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
@@ -132,7 +138,7 @@ def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
 
 def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
              block_rows: int | None = None,
-             num_warps: int = 8) -> tuple[jnp.ndarray, jnp.ndarray]:
+             num_warps: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantize vectors to 4-bit TQ4 codes.
 
     Args:
@@ -151,8 +157,7 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
     boundaries = ck.check_boundaries(boundaries)
     lead = tuple(x.shape[:-1])
     rows = x.reshape(-1, d)
-    block_rows = ck.check_pow2("block_rows", block_rows or default_block_rows(d), 16)
-    ck.check_pow2("num_warps", num_warps, 1, 16)
+    block_rows, num_warps = tiling("compress", block_rows, num_warps)
     if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
         packed, norms = compress_reference(rows, rotation, boundaries)
     else:
@@ -242,19 +247,17 @@ def dequantize_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp
     return jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST).astype(dtype)
 
 
-def _decode_args(packed, norms, centroids, dtype, block_rows, num_warps):
+def _decode_args(packed, norms, centroids, dtype):
     packed, norms = ck.check_packed(packed, norms)
-    block_rows = ck.check_pow2("block_rows", block_rows or 64, 16)
-    ck.check_pow2("num_warps", num_warps, 1, 16)
     centroids = ck.check_centroids(centroids)
     dtype = ck.check_out_dtype(dtype)
     lead, h = tuple(packed.shape[:-1]), packed.shape[-1]
-    return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead, block_rows
+    return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead
 
 
 def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16, *,
                impl: str = "auto", block_rows: int | None = None,
-               num_warps: int = 8) -> jnp.ndarray:
+               num_warps: int | None = None) -> jnp.ndarray:
     """TQ4 codes -> vectors in rotated space.
 
     Args:
@@ -263,8 +266,8 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
     Returns:
       ``centroids[idx] * norm``, [..., D] of ``dtype``.
     """
-    p, n, c, dtype, lead, block_rows = _decode_args(packed, norms, centroids, dtype, block_rows,
-                                                    num_warps)
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    block_rows, num_warps = tiling("decompress", block_rows, num_warps)
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         y = decompress_reference(p, n, c, dtype)
     else:
@@ -275,13 +278,13 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
 
 def dequantize(packed: Any, norms: Any, centroids: Any, rotation: Any,
                dtype: Any = jnp.float16, *, impl: str = "auto",
-               block_rows: int | None = None, num_warps: int = 8) -> jnp.ndarray:
+               block_rows: int | None = None, num_warps: int | None = None) -> jnp.ndarray:
     """TQ4 codes -> vectors in original space, ``(centroids[idx] * norm) @ Pi``.
 
     Shapes as :func:`decompress`, plus ``rotation`` float32 [D, D].
     """
-    p, n, c, dtype, lead, block_rows = _decode_args(packed, norms, centroids, dtype, block_rows,
-                                                    num_warps)
+    p, n, c, dtype, lead = _decode_args(packed, norms, centroids, dtype)
+    block_rows, num_warps = tiling("dequantize", block_rows, num_warps)
     rotation = ck.check_rotation(rotation, 2 * p.shape[-1])
     if resolve_impl(impl) == "reference" or p.shape[0] == 0:
         x = dequantize_reference(p, n, c, rotation, dtype)
