@@ -70,8 +70,10 @@ def _poison_value(dtype: Any) -> Any:
 
 
 def pallas_call(kernel: Callable, *, mode: KernelMode, out_shape: Any, grid: tuple,
-                num_warps: int = 4, num_stages: int = 2) -> Callable:
-    """``pl.pallas_call`` for the Triton backend (whole arrays as refs; kernels index them).
+                num_warps: int = 4, num_stages: int = 2, in_specs: Any = None,
+                out_specs: Any = None) -> Callable:
+    """``pl.pallas_call`` for the Triton backend. Without specs every ref is a whole array
+    (kernels index it); specs only offset base pointers on Triton.
 
     ``mode.poison`` pre-fills the outputs with garbage via aliased inputs. Silences the
     Pallas-Triton DeprecationWarning that JAX >= 0.11 emits on every lowering.
@@ -81,16 +83,21 @@ def pallas_call(kernel: Callable, *, mode: KernelMode, out_shape: Any, grid: tup
 
     def call(*args):
         n_in = len(args)
-        body, aliases, extra = kernel, {}, ()
+        body, aliases, extra, specs = kernel, {}, (), {}
+        if in_specs is not None:
+            specs = dict(in_specs=list(in_specs), out_specs=out_specs)
         if mode.poison:
             extra = tuple(jnp.full(o.shape, _poison_value(o.dtype), o.dtype) for o in outs)
             aliases = {n_in + i: i for i in range(n_out)}
+            if specs:
+                outs_specs = out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,)
+                specs["in_specs"] += list(outs_specs)
 
             def body(*refs):  # drop the aliased input refs; outputs follow them
                 return kernel(*refs[:n_in], *refs[n_in + n_out:])
 
         fn = pl.pallas_call(
-            body, out_shape=out_shape, grid=grid, input_output_aliases=aliases,
+            body, out_shape=out_shape, grid=grid, input_output_aliases=aliases, **specs,
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             interpret=mode.interpret)
         with warnings.catch_warnings():
