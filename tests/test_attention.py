@@ -128,6 +128,8 @@ def test_kernels_lower_to_triton(d):
     cases = [
         (lambda q, k, v, m: tq.flash_attention(q, k, v, None, True, m, impl="pallas"),
          (q, kv, kv, mask)),
+        (lambda q, k, v: tq.flash_attention(q, k, v, impl="pallas"),  # split-KV decode
+         (q1, s((2, 2, 70, d), jnp.bfloat16), s((2, 2, 70, d), jnp.bfloat16))),
         (lambda q, kp, kn, v, c, r: tq.flash_attention_tq4(q, kp, kn, v, c, r, None, True,
                                                            impl="pallas"),
          (q, kp, kn, kv, c, r)),
@@ -168,3 +170,21 @@ def test_bad_input():
         tq.flash_attention_tq4(q, kp, kn, k, cent, tq.haar_rotation(128))
     with pytest.raises(ValueError, match="v_centroids must be 1-D"):
         tq.flash_attention_tq4_kv(q, kp, kn, kp, kn, cent, rot, v_centroids=np.zeros(3))
+
+
+def test_decode_many_splits_with_empty_ones(rng, monkeypatch):
+    """Split-KV decode with 10 splits of which 7 are empty, merged by log-sum-exp."""
+    import tq4jax.attention as att
+    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(att, "NUM_SMS", 1000)
+    assert att.num_splits(1, 2, 150) == 10
+    q, k, v = _case(rng, 1, 8, 2, 2, 150, 64, jnp.float16)
+    rot = tq.haar_rotation(64, seed=int(rng.integers(1 << 30)))
+    cent, bnd = tq.lloyd_max(64, 4)
+    kp, kn = tq.compress(k, rot, bnd, impl="reference")
+    vp, vn = tq.compress(v, rot, bnd, impl="reference")
+    k_hat, v_hat = deq(kp, kn, cent, rot), deq(vp, vn, cent, rot)
+    o = tq.flash_attention(q, k, v, None, True, impl="pallas")
+    assert rel_l2(o, oracle(q, k, v, 1 / 8, True)) < 1e-2
+    o = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, None, True, impl="pallas")
+    assert rel_l2(o, oracle(q, k_hat, v_hat, 1 / 8, True)) < 1e-2

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import decode_pair, load_rows, load_tile, store_tile, tile_index
+from ._tiles import decode_pair, load_rows, load_tile, store_rows, store_tile, tile_index
 from .codec import dequantize_reference, padded_dims
 from .layout import pad_codebook
 
@@ -40,32 +40,37 @@ M_INIT = -1e30  # finite running max: a fully masked block gives p = 0, never Na
 # kernel
 # ----------------------------------------------------------------------------------------------
 
-def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, causal: bool,
-                 scale_log2: float, block_m: int, block_n: int, sq: int, sk: int, d: int):
+def _split_refs(refs, k_tq4: bool, v_tq4: bool, has_mask: bool):
+    """Kernel refs -> (q refs, k refs, v refs, mask ref or None, output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     q_refs = take(2 if k_tq4 else 1)
     k_refs = take(3 if k_tq4 else 1)
     v_refs = take(3 if v_tq4 else 1)
     mask_ref = take(1)[0] if has_mask else None
-    o_refs = refs  # 1 output, or (even, odd) halves when V is compressed
+    return q_refs, k_refs, v_refs, mask_ref, refs
 
+
+def _attend(q_refs, k_refs, v_refs, mask_ref, q_rows, q_ok, q_pos, k_start, k_end, n_blocks, *,
+            k_tq4: bool, v_tq4: bool, causal: bool, scale_log2: float, block_n: int, sq: int,
+            sk: int, d: int):
+    """Online softmax of the query rows ``q_rows`` (positions ``q_pos``) over keys
+    ``[k_start, k_end)``, ``n_blocks`` tiles of ``block_n``. Returns (accs, m, l) unnormalized,
+    in log2 units; accs is (acc,) or (acc_even, acc_odd) when V is compressed."""
     dp, hp = padded_dims(d)
-    qi = pl.program_id(0)
-    q_pos, q_ok = tile_index(qi * block_m, block_m, sq)
     cols, c_ok = tile_index(0, dp, d)
     hcols, h_ok = tile_index(0, hp, d // 2)
     if k_tq4:
-        q_even, q_odd = (load_tile(r, q_pos, q_ok, hcols, h_ok) for r in q_refs)
+        q_even, q_odd = (load_tile(r, q_rows, q_ok, hcols, h_ok) for r in q_refs)
         dt = q_even.dtype
     else:
-        q = load_tile(q_refs[0], q_pos, q_ok, cols, c_ok)
+        q = load_tile(q_refs[0], q_rows, q_ok, cols, c_ok)
         dt = q.dtype
     dot = partial(jnp.dot, preferred_element_type=jnp.float32)
 
     def body(j, carry):
         accs, m_prev, l_prev = carry
-        k_pos, k_ok = tile_index(j * block_n, block_n, sk)
+        k_pos, k_ok = tile_index(k_start + j * block_n, block_n, k_end)
         if k_tq4:
             kp_ref, kn_ref, kc_ref = k_refs
             c_even, c_odd = decode_pair(kc_ref, load_tile(kp_ref, k_pos, k_ok, hcols, h_ok))
@@ -74,7 +79,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, causal: bool,
         else:
             k = load_tile(k_refs[0], k_pos, k_ok, cols, c_ok)
             s = dot(q, k.T) * scale_log2
-        if has_mask:
+        if mask_ref is not None:
             s = s + load_tile(mask_ref, q_pos, q_ok, k_pos, k_ok).astype(jnp.float32) * LOG2E
         visible = k_ok[None, :]
         if causal:
@@ -95,18 +100,55 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, causal: bool,
             accs = (accs[0] * alpha[:, None] + dot(p.astype(v.dtype), v),)
         return accs, m_new, l_new
 
+    rows = q_rows.shape[0]
+    width = hp if v_tq4 else dp
+    accs = tuple(jnp.zeros((rows, width), jnp.float32) for _ in range(2 if v_tq4 else 1))
+    m0 = jnp.full((rows,), M_INIT, jnp.float32)
+    return lax.fori_loop(0, n_blocks, body, (accs, m0, jnp.zeros_like(m0)))
+
+
+def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, causal: bool,
+                 scale_log2: float, block_m: int, block_n: int, sq: int, sk: int, d: int):
+    """Prefill: one program per (query block, batch * query head)."""
+    q_refs, k_refs, v_refs, mask_ref, o_refs = _split_refs(refs, k_tq4, v_tq4, has_mask)
+    qi = pl.program_id(0)
+    q_pos, q_ok = tile_index(qi * block_m, block_m, sq)
     n_blocks = pl.cdiv(sk, block_n)
     if causal:  # keys past the last query row of this block are never visible
         last = jnp.minimum((qi + 1) * block_m, sq) + (sk - sq)
         n_blocks = jnp.clip(pl.cdiv(last, block_n), 0, n_blocks)
-    width = hp if v_tq4 else dp
-    accs = tuple(jnp.zeros((block_m, width), jnp.float32) for _ in range(2 if v_tq4 else 1))
-    m0 = jnp.full((block_m,), M_INIT, jnp.float32)
-    accs, _, l_fin = lax.fori_loop(0, n_blocks, body, (accs, m0, jnp.zeros_like(m0)))
+    accs, _, l_fin = _attend(q_refs, k_refs, v_refs, mask_ref, q_pos, q_ok, q_pos, 0, sk,
+                             n_blocks, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
+                             scale_log2=scale_log2, block_n=block_n, sq=sq, sk=sk, d=d)
     inv_l = 1.0 / jnp.where(l_fin > 0, l_fin, 1.0)
-    o_cols, o_ok = (hcols, h_ok) if v_tq4 else (cols, c_ok)
+    dp, hp = padded_dims(d)
+    o_cols, o_ok = tile_index(0, hp, d // 2) if v_tq4 else tile_index(0, dp, d)
     for o_ref, acc in zip(o_refs, accs):
         store_tile(o_ref, q_pos, q_ok, o_cols, o_ok, acc * inv_l[:, None])
+
+
+def _decode_kernel(*refs, k_tq4: bool, v_tq4: bool, causal: bool, scale_log2: float,
+                   rows: int, block_n: int, split_len: int, sq: int, sk: int, d: int):
+    """Split-KV decode: one program per (batch * KV head, split) serving all ``group * sq``
+    query rows of the KV head, so each K/V tile is loaded and decoded once per group.
+    Writes unnormalized (acc, m, l) per split; the wrapper merges splits (log-sum-exp)."""
+    q_refs, k_refs, v_refs, _, o_refs = _split_refs(refs, k_tq4, v_tq4, False)
+    *acc_refs, m_ref, l_ref = o_refs
+    n_rows = q_refs[0].shape[0]  # group * sq
+    q_rows, q_ok = tile_index(0, rows, n_rows)
+    q_pos = q_rows % sq
+    k_start = pl.program_id(1) * split_len
+    k_end = jnp.minimum(k_start + split_len, sk)
+    n_blocks = pl.cdiv(jnp.maximum(k_end - k_start, 0), block_n)
+    accs, m, l_fin = _attend(q_refs, k_refs, v_refs, None, q_rows, q_ok, q_pos, k_start, k_end,
+                             n_blocks, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
+                             scale_log2=scale_log2, block_n=block_n, sq=sq, sk=sk, d=d)
+    width = accs[0].shape[1]
+    cols, c_ok = tile_index(0, width, width)
+    for o_ref, acc in zip(acc_refs, accs):
+        store_tile(o_ref, q_rows, q_ok, cols, c_ok, acc)
+    store_rows(m_ref, q_rows, q_ok, m)
+    store_rows(l_ref, q_rows, q_ok, l_fin)
 
 
 def _block_sizes(sq: int, d: int) -> tuple[int, int, int]:
@@ -161,6 +203,83 @@ def _attn_pallas(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale
     return pallas_call(kernel, mode=mode, grid=(pl.cdiv(sq, block_m), b * hq),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=num_warps, num_stages=2)(*args)
+
+
+#: Query lengths up to this use the split-KV decode kernel (rows of a KV group share a tile).
+DECODE_MAX_SQ = 16
+#: Streaming multiprocessors to fill (H100/H200: 132); splits aim at 2 programs per SM.
+NUM_SMS = 132
+MIN_SPLIT_KEYS = 256
+
+
+def num_splits(b: int, hkv: int, sk: int) -> int:
+    """KV splits for decode: enough programs for 2 per SM, at least MIN_SPLIT_KEYS keys each."""
+    want = pl.cdiv(2 * NUM_SMS, max(1, b * hkv))
+    return int(max(1, min(want, pl.cdiv(sk, MIN_SPLIT_KEYS))))
+
+
+@partial(jax.jit, static_argnames=("k_tq4", "v_tq4", "causal", "scale", "d", "splits", "mode"))
+def _decode_pallas(q_parts, k_parts, v_parts, *, k_tq4, v_tq4, causal, scale, d, splits, mode):
+    """Split-KV decode. Same parts as :func:`_attn_pallas`; returns outputs [B, HQ, Sq, *] f32
+    (width D, or D/2 halves for compressed V), merged over splits with log-sum-exp."""
+    b, hq, sq, _ = q_parts[0].shape
+    hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
+    g = hq // hkv
+    n_rows = g * sq
+    rows = max(16, next_pow2(n_rows))
+    dp, hp = padded_dims(d)
+    _, block_n, num_warps = _block_sizes(1, d)
+    split_len = pl.cdiv(pl.cdiv(sk, splits), block_n) * block_n
+    q_view = [x.reshape(b, hkv, n_rows, x.shape[-1]) for x in q_parts]  # row = g * Sq + s
+
+    def head(bh):
+        return bh // hkv, bh % hkv
+
+    spec4 = lambda x: pl.BlockSpec((None, None) + x.shape[2:],  # noqa: E731
+                                   lambda bh, sp: (*head(bh), 0, 0))
+
+    def spec_kv(parts):
+        if len(parts) == 1:
+            return [spec4(parts[0])]
+        return [spec4(parts[0]), pl.BlockSpec((None, None, sk), lambda bh, sp: (*head(bh), 0)),
+                pl.BlockSpec(parts[2].shape, lambda bh, sp: (0,))]
+
+    width = hp if v_tq4 else dp
+    n_acc = 2 if v_tq4 else 1
+    out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows, width), jnp.float32)
+                      for _ in range(n_acc))
+    out_shape += tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32)
+                       for _ in range(2))
+    out_specs = tuple(pl.BlockSpec((None, None, None, n_rows, width),
+                                   lambda bh, sp: (*head(bh), sp, 0, 0)) for _ in range(n_acc))
+    out_specs += tuple(pl.BlockSpec((None, None, None, n_rows), lambda bh, sp: (*head(bh), sp, 0))
+                       for _ in range(2))
+    kernel = partial(_decode_kernel, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
+                     scale_log2=scale * LOG2E, rows=rows, block_n=block_n,
+                     split_len=split_len, sq=sq, sk=sk, d=d)
+    *accs, m, l = pallas_call(
+        kernel, mode=mode, grid=(b * hkv, splits), out_shape=out_shape,
+        in_specs=[spec4(x) for x in q_view] + spec_kv(k_parts) + spec_kv(v_parts),
+        out_specs=out_specs, num_warps=num_warps, num_stages=2,
+    )(*q_view, *k_parts, *v_parts)
+    w = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))     # [B, HKV, S, rows]
+    l_tot = jnp.sum(w * l, axis=2)
+    inv = 1.0 / jnp.where(l_tot > 0, l_tot, 1.0)
+    out_w = d // 2 if v_tq4 else d
+    return tuple((jnp.sum(w[..., None] * a, axis=2) * inv[..., None])[..., :out_w]
+                 .reshape(b, hq, sq, out_w) for a in accs)
+
+
+def _run(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d):
+    """Pick the decode (split-KV, grouped heads) or the prefill kernel."""
+    b, _, sq, _ = q_parts[0].shape
+    hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
+    if sq <= DECODE_MAX_SQ and mask is None:
+        return _decode_pallas(q_parts, k_parts, v_parts, k_tq4=k_tq4, v_tq4=v_tq4,
+                              causal=causal, scale=scale, d=d, splits=num_splits(b, hkv, sk),
+                              mode=kernel_mode())
+    return _attn_pallas(q_parts, k_parts, v_parts, mask, k_tq4=k_tq4, v_tq4=v_tq4,
+                        causal=causal, scale=scale, d=d, mode=kernel_mode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +419,9 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
         return empty
     if resolve_impl(impl) == "reference":
         return attention_reference(q, k, v, scale, bool(is_causal), mask).astype(q.dtype)
-    (out,) = _attn_pallas((q,), (k,), (v,), mask, k_tq4=False, v_tq4=False,
-                          causal=bool(is_causal), scale=scale, d=d, mode=kernel_mode())
-    return out
+    (out,) = _run((q,), (k,), (v,), mask, k_tq4=False, v_tq4=False, causal=bool(is_causal),
+                  scale=scale, d=d)
+    return out.astype(q.dtype)
 
 
 def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
@@ -327,10 +446,9 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    (out,) = _attn_pallas(_rotate_q(q, rotation), (k_packed, k_norms, pad_codebook(centroids)),
-                          (v,), None, k_tq4=True, v_tq4=False, causal=bool(is_causal),
-                          scale=scale, d=d, mode=kernel_mode())
-    return out
+    (out,) = _run(_rotate_q(q, rotation), (k_packed, k_norms, pad_codebook(centroids)), (v,),
+                  None, k_tq4=True, v_tq4=False, causal=bool(is_causal), scale=scale, d=d)
+    return out.astype(q.dtype)
 
 
 def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
@@ -362,8 +480,8 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    o_even, o_odd = _attn_pallas(
+    o_even, o_odd = _run(
         _rotate_q(q, rotation), (k_packed, k_norms, pad_codebook(centroids)),
         (v_packed, v_norms, pad_codebook(v_centroids)), None, k_tq4=True, v_tq4=True,
-        causal=bool(is_causal), scale=scale, d=d, mode=kernel_mode())
+        causal=bool(is_causal), scale=scale, d=d)
     return _post_rotate(o_even, o_odd, rotation, q.dtype)
