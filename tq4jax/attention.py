@@ -378,6 +378,15 @@ def _check_mask(mask: Any, q: jnp.ndarray, sk: int) -> jnp.ndarray | None:
     return jnp.broadcast_to(mask, mask.shape[:2] + (sq, sk))  # B and H broadcast in-kernel
 
 
+def _check_tq4_args(q, k_packed, k_norms, centroids, rotation, sm_scale):
+    """Checks shared by the TQ4 attention ops; returns the normalized arguments and scale."""
+    q = _check_q(q)
+    d = q.shape[-1]
+    k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
+    return (q, k_packed, k_norms, ck.check_centroids(centroids), ck.check_rotation(rotation, d),
+            _check_scale(sm_scale, d))
+
+
 def _rotate_q(q: jnp.ndarray, rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """q [B, HQ, Sq, D] -> (q_rot even coords, odd coords) in q's dtype; ``q_rot = q @ Pi^T``."""
     q_rot = jnp.matmul(q.astype(jnp.float32), rotation.T, precision=lax.Precision.HIGHEST)
@@ -432,14 +441,10 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     k_packed [B, HKV, Sk, D/2] uint8, k_norms [B, HKV, Sk] f32, v [B, HKV, Sk, D],
     centroids [2**bits] f32, rotation Pi [D, D]. Returns q's shape and dtype.
     """
-    q = _check_q(q)
-    d = q.shape[-1]
-    k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
-    sk, hkv = k_packed.shape[2], k_packed.shape[1]
-    v = _check_dense_kv("v", v, q, sk, hkv)
-    centroids = ck.check_centroids(centroids)
-    rotation = ck.check_rotation(rotation, d)
-    scale = _check_scale(sm_scale, d)
+    q, k_packed, k_norms, centroids, rotation, scale = _check_tq4_args(
+        q, k_packed, k_norms, centroids, rotation, sm_scale)
+    d, sk = q.shape[-1], k_packed.shape[2]
+    v = _check_dense_kv("v", v, q, sk, k_packed.shape[1])
     empty = _empty_or_none(q, sk)
     if empty is not None:
         return empty
@@ -460,19 +465,15 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
     Codes [B, HKV, Sk, D/2] uint8, norms [B, HKV, Sk] f32; ``v_centroids`` is V's codebook when
     it differs from K's (e.g. K 4-bit, V 3-bit). Returns q's shape and dtype.
     """
-    q = _check_q(q)
-    d = q.shape[-1]
-    k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
-    sk = k_packed.shape[2]
+    q, k_packed, k_norms, centroids, rotation, scale = _check_tq4_args(
+        q, k_packed, k_norms, centroids, rotation, sm_scale)
+    d, sk = q.shape[-1], k_packed.shape[2]
     v_packed, v_norms = _check_codes("v_packed", "v_norms", v_packed, v_norms, q, sk)
     if v_packed.shape != k_packed.shape:
         raise ValueError(f"v_packed must have k_packed's shape {tuple(k_packed.shape)}, "
                          f"got {tuple(v_packed.shape)}")
-    centroids = ck.check_centroids(centroids)
     v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
                                                                            "v_centroids")
-    rotation = ck.check_rotation(rotation, d)
-    scale = _check_scale(sm_scale, d)
     empty = _empty_or_none(q, sk)
     if empty is not None:
         return empty
