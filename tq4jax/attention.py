@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _checks as ck
-from ._config import KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl
+from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import decode_pair, load_rows, load_tile, store_rows, store_tile, tile_index
 from .codec import dequantize_reference, padded_dims
 from .layout import pad_codebook
