@@ -1,12 +1,16 @@
 """Contiguous attention: prefill (causal, B=1, 32/8 heads, D=128) and decode (Sq=1, B=8)
-beside torch SDPA fp16 (when torch is importable) and jax.nn.dot_product_attention.
+beside torch SDPA fp16 (when torch is importable), jax.nn.dot_product_attention (cuDNN, XLA)
+and the original turboquant-vllm ``triton_flash_attention_tq4_kv`` (when installed), all on
+the same data. ``--sweep`` times kernel configurations instead (tile sizes, warps, stages,
+splits) and checks each against the default configuration's output.
 
-    PYTHONPATH=. python3 bench/attention.py [--quick]
+    PYTHONPATH=. python3 bench/attention.py [--quick] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -16,20 +20,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
+from tq4jax import attention as att  # noqa: E402
+from tq4jax._tiles import pair_table  # noqa: E402
+from tq4jax.layout import pad_codebook  # noqa: E402
 from _timing import device_line, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
+CASES = [("prefill causal B=1 2K", 1, 2048, 2048, True),
+         ("prefill causal B=1 8K", 1, 8192, 8192, True),
+         ("decode B=8 1K", 8, 1, 1024, False),
+         ("decode B=8 8K", 8, 1, 8192, False),
+         ("decode B=8 32K", 8, 1, 32768, False)]
 
 
-def torch_sdpa_ms(q, k, v, causal):
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return None
-    tq_, tk, tv = (torch.from_numpy(np.asarray(a)).cuda() for a in (q, k, v))
-    f = lambda: F.scaled_dot_product_attention(tq_, tk, tv, is_causal=causal,  # noqa: E731
-                                               enable_gqa=True)
+def torch_ms(f) -> float:
+    """Median time of a torch CUDA callable (CUDA events, 5 x 20 calls)."""
+    import torch
     for _ in range(3):
         f()
     torch.cuda.synchronize()
@@ -45,9 +51,29 @@ def torch_sdpa_ms(q, k, v, causal):
     return float(np.median(ts))
 
 
-def run_case(name, b, sq, sk, causal, rows):
-    key = jax.random.PRNGKey(sk)
-    kq, kk, kv = jax.random.split(key, 3)
+def torch_results(q, k, v, kp, kn, vp, vn, cent, rot, causal) -> dict[str, float]:
+    """torch SDPA fp16 and the original fused TQ4 kernel, when importable."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {}
+    t = lambda a: torch.from_numpy(np.asarray(a)).cuda()  # noqa: E731
+    tq_, tk, tv = t(q), t(k), t(v)
+    res = {"torch SDPA fp16": torch_ms(lambda: F.scaled_dot_product_attention(
+        tq_, tk, tv, is_causal=causal, enable_gqa=True))}
+    try:
+        from turboquant_vllm.triton.flash_attention_tq4_kv import triton_flash_attention_tq4_kv
+    except ImportError:
+        return res
+    args = (t(kp), t(kn), t(vp), t(vn), t(cent), t(rot))
+    res["original tq4_kv"] = torch_ms(lambda: triton_flash_attention_tq4_kv(
+        tq_, *args, None, causal))
+    return res
+
+
+def make_data(b, sq, sk):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(sk), 3)
     q = jax.random.normal(kq, (b, HQ, sq, D), jnp.float16)
     k = jax.random.normal(kk, (b, HKV, sk, D), jnp.float16)
     v = jax.random.normal(kv, (b, HKV, sk, D), jnp.float16)
@@ -55,6 +81,11 @@ def run_case(name, b, sq, sk, causal, rows):
     cent, bnd = tq.lloyd_max(D, 4)
     kp, kn = tq.compress(k, rot, bnd)
     vp, vn = tq.compress(v, rot, bnd)
+    return q, k, v, kp, kn, vp, vn, jnp.asarray(cent), rot
+
+
+def run_case(name, b, sq, sk, causal, rows):
+    q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
     res = {}
     res["tq4jax flash fp16"] = time_ms(jax.jit(
         lambda q, k, v: tq.flash_attention(q, k, v, None, causal)), q, k, v)
@@ -68,34 +99,68 @@ def run_case(name, b, sq, sk, causal, rows):
                 bt(q), bt(k), bt(v), is_causal=causal, implementation=impl)), q, k, v)
         except Exception as e:  # noqa: BLE001
             print(f"  jax {impl} failed: {type(e).__name__}: {str(e)[:100]}")
-    t = torch_sdpa_ms(q, k, v, causal)
-    if t is not None:
-        res["torch SDPA fp16"] = t
-    bytes_fp16 = 2 * b * HKV * sk * D * 2
-    bytes_tq4 = 2 * b * HKV * sk * (D // 2 + 4)
-    rows.append((name, res, bytes_fp16, bytes_tq4))
+    res.update(torch_results(q, k, v, kp, kn, vp, vn, cent, rot, causal))
+    rows.append((name, res))
+
+
+def sweep(name, b, sq, sk, causal):
+    """Time kernel configurations of both ops on one case; check each against the default."""
+    q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
+    tab = pair_table(pad_codebook(cent), q.dtype)
+    qr = att._rotate_q(q, rot)
+    ops = {
+        "flash": lambda cfg: jax.jit(lambda q, k, v: att._run(
+            (q,), (k,), (v,), None, k_tq4=False, v_tq4=False, causal=causal,
+            scale=D ** -0.5, d=D, cfg=cfg)[0])(q, k, v),
+        "tq4_kv": lambda cfg: jax.jit(lambda qe, qo, kp, kn, vp, vn: att._run(
+            (qe, qo), (kp, kn, tab), (vp, vn, tab), None, k_tq4=True, v_tq4=True,
+            causal=causal, scale=D ** -0.5, d=D, cfg=cfg))(*qr, kp, kn, vp, vn),
+    }
+    default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D)
+    if sq * HQ // HKV <= 64:
+        grid = [att.Config(default.block_m, bn, w, st, sp) for bn, (w, st), sp in itertools.product(
+            (64, 128, 256), ((4, 2), (4, 3), (8, 3)),
+            sorted({default.splits, 2 * default.splits, 4 * default.splits}))]
+    else:
+        grid = [att.Config(bm, bn, w, st) for bm, bn, (w, st) in itertools.product(
+            (64, 128), (32, 64, 128), ((4, 3), (8, 2), (8, 3), (8, 4)))]
+    print(f"\n## sweep: {name} (default {tuple(default)})\n")
+    print("| op | block_m | block_n | warps | stages | splits | ms | max err vs default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for op, run in ops.items():
+        want = np.asarray(jax.tree.map(lambda x: x.astype(jnp.float32), run(default))[0])
+        for cfg in grid:
+            try:
+                got = np.asarray(jax.tree.map(lambda x: x.astype(jnp.float32), run(cfg))[0])
+                ms = time_ms(lambda: run(cfg), iters=10, reps=3)
+                err = float(np.max(np.abs(got - want)))
+                print(f"| {op} | {' | '.join(map(str, cfg))} | {ms:.3f} | {err:.2e} |", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"| {op} | {' | '.join(map(str, cfg))} | failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:80]} | |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
     print(f"# attention bench: {device_line()}; {HQ}/{HKV} heads, D={D}, fp16")
+    if a.sweep:
+        for c in (CASES[1], CASES[4]):
+            sweep(*c)
+        return
     rows = []
-    cases = [("prefill causal B=1 2K", 1, 2048, 2048, True),
-             ("prefill causal B=1 8K", 1, 8192, 8192, True),
-             ("decode B=8 1K", 8, 1, 1024, False),
-             ("decode B=8 8K", 8, 1, 8192, False),
-             ("decode B=8 32K", 8, 1, 32768, False)]
-    for c in (cases[:1] + cases[2:3] if a.quick else cases):
+    for c in (CASES[:1] + CASES[2:3] if a.quick else CASES):
         run_case(*c, rows)
-    names = sorted({n for _, r, _, _ in rows for n in r})
-    print("\n| case | " + " | ".join(names) + " | tq4_kv / SDPA |")
-    print("|---" * (len(names) + 2) + "|")
-    for case, r, bf, bq in rows:
-        ratio = (r["tq4jax tq4_kv"] / r["torch SDPA fp16"]) if "torch SDPA fp16" in r else float("nan")
+    names = sorted({n for _, r in rows for n in r})
+    print("\n| case | " + " | ".join(names) + " | tq4_kv / SDPA | flash / min(SDPA, cuDNN) |")
+    print("|---" * (len(names) + 3) + "|")
+    for case, r in rows:
+        sdpa = r.get("torch SDPA fp16", float("nan"))
+        best = min(sdpa, r.get("jax cudnn", float("inf")))
         print(f"| {case} | " + " | ".join(f"{r[n]:.3f}" if n in r else "-" for n in names)
-              + f" | {ratio:.2f}x |")
+              + f" | {r['tq4jax tq4_kv'] / sdpa:.2f}x | {r['tq4jax flash fp16'] / best:.2f}x |")
     print("\nms, median; KV bytes read once: fp16 vs TQ4 = 3.76x less")
 
 

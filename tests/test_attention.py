@@ -66,6 +66,7 @@ SHAPES = [  # b, hq, hkv, sq, sk, d, causal
     (1, 7, 1, 5, 37, 96, True),
     (1, 2, 1, 3, 70, 256, True),
     (1, 4, 4, 40, 16, 64, False),
+    (1, 8, 2, 45, 141, 64, True),  # 180 rows per KV head: two 128-row blocks, unmasked prefix
 ]
 
 
@@ -121,15 +122,15 @@ def test_jit_vmap_and_empty(rng):
 def test_kernels_lower_to_triton(d):
     s = jax.ShapeDtypeStruct
     q, kv = s((1, 8, 33, d), jnp.float16), s((1, 2, 70, d), jnp.float16)
-    q1 = s((2, 8, 1, d), jnp.bfloat16)
+    q1 = s((2, 8, 1, d), jnp.bfloat16)  # decode over 1030 keys: 4 KV splits
     kp, kn = s((1, 2, 70, d // 2), jnp.uint8), s((1, 2, 70), jnp.float32)
-    kp1, kn1 = s((2, 2, 70, d // 2), jnp.uint8), s((2, 2, 70), jnp.float32)
+    kp1, kn1 = s((2, 2, 1030, d // 2), jnp.uint8), s((2, 2, 1030), jnp.float32)
     c, r, mask = s((16,), jnp.float32), s((d, d), jnp.float32), s((1, 8, 33, 70), jnp.float32)
     cases = [
         (lambda q, k, v, m: tq.flash_attention(q, k, v, None, True, m, impl="pallas"),
          (q, kv, kv, mask)),
         (lambda q, k, v: tq.flash_attention(q, k, v, impl="pallas"),  # split-KV decode
-         (q1, s((2, 2, 70, d), jnp.bfloat16), s((2, 2, 70, d), jnp.bfloat16))),
+         (q1, s((2, 2, 1030, d), jnp.bfloat16), s((2, 2, 1030, d), jnp.bfloat16))),
         (lambda q, kp, kn, v, c, r: tq.flash_attention_tq4(q, kp, kn, v, c, r, None, True,
                                                            impl="pallas"),
          (q, kp, kn, kv, c, r)),
@@ -173,11 +174,11 @@ def test_bad_input():
 
 
 def test_decode_many_splits_with_empty_ones(rng, monkeypatch):
-    """Split-KV decode with 10 splits of which 7 are empty, merged by log-sum-exp."""
+    """Split-KV decode with 9 splits of which 6 are empty, merged by log-sum-exp."""
     import tq4jax.attention as att
     monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
     monkeypatch.setattr(att, "NUM_SMS", 1000)
-    assert att.num_splits(1, 2, 150) == 10
+    assert att.choose_config(1, 2, 8, 150, 64).splits == 9
     q, k, v = _case(rng, 1, 8, 2, 2, 150, 64, jnp.float16)
     rot = tq.haar_rotation(64, seed=int(rng.integers(1 << 30)))
     cent, bnd = tq.lloyd_max(64, 4)
@@ -186,5 +187,8 @@ def test_decode_many_splits_with_empty_ones(rng, monkeypatch):
     k_hat, v_hat = deq(kp, kn, cent, rot), deq(vp, vn, cent, rot)
     o = tq.flash_attention(q, k, v, None, True, impl="pallas")
     assert rel_l2(o, oracle(q, k, v, 1 / 8, True)) < 1e-2
+    mask = jnp.asarray(rng.standard_normal((1, 8, 2, 150)), jnp.float32)
+    o = tq.flash_attention(q, k, v, None, False, mask, impl="pallas")
+    assert rel_l2(o, oracle(q, k, v, 1 / 8, False, mask)) < 1e-2
     o = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, None, True, impl="pallas")
     assert rel_l2(o, oracle(q, k_hat, v_hat, 1 / 8, True)) < 1e-2

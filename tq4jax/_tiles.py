@@ -21,18 +21,27 @@ def tile_index(start: Any, size: int, limit: int) -> tuple[jnp.ndarray, jnp.ndar
     return idx, idx < limit
 
 
-def load_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, cols: jnp.ndarray,
-              cmask: jnp.ndarray, other: float = 0) -> jnp.ndarray:
-    """Masked gather-load of ``ref[rows, cols]`` as a [len(rows), len(cols)] tile."""
-    return plgpu.load(ref.at[rows[:, None], cols[None, :]],
-                      mask=rmask[:, None] & cmask[None, :], other=other)
+def _mask2(rmask: jnp.ndarray | None, cmask: jnp.ndarray | None) -> jnp.ndarray | None:
+    if rmask is None:
+        return None if cmask is None else cmask[None, :]
+    return rmask[:, None] if cmask is None else rmask[:, None] & cmask[None, :]
 
 
-def store_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, cols: jnp.ndarray,
-               cmask: jnp.ndarray, val: jnp.ndarray) -> None:
-    """Masked store of a [len(rows), len(cols)] tile into ``ref[rows, cols]``."""
+def load_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.ndarray,
+              cmask: jnp.ndarray | None, other: float = 0) -> jnp.ndarray:
+    """Gather-load of ``ref[rows, cols]`` as a [len(rows), len(cols)] tile; a ``None`` mask
+    means that axis is known to be in bounds (an unmasked, vectorizable load)."""
+    mask = _mask2(rmask, cmask)
+    ptr = ref.at[rows[:, None], cols[None, :]]
+    return plgpu.load(ptr) if mask is None else plgpu.load(ptr, mask=mask, other=other)
+
+
+def store_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.ndarray,
+               cmask: jnp.ndarray | None, val: jnp.ndarray) -> None:
+    """Store of a [len(rows), len(cols)] tile into ``ref[rows, cols]`` (masks as in
+    :func:`load_tile`)."""
     plgpu.store(ref.at[rows[:, None], cols[None, :]], val.astype(ref.dtype),
-                mask=rmask[:, None] & cmask[None, :])
+                mask=_mask2(rmask, cmask))
 
 
 def load_rows(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, other: float = 0) -> jnp.ndarray:
@@ -58,6 +67,25 @@ def decode_pair(cent_ref: Any, packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.nd
     """
     hi, lo = split_nibbles(packed)
     return cent_ref[hi], cent_ref[lo]
+
+
+def pair_table(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """Codebook [16] -> [256] uint32 table (built outside kernels): entry ``b`` holds the
+    centroids of both nibbles of the packed byte ``b`` as 16-bit floats of ``dtype``, the
+    even coordinate (``b >> 4``) in the low half, the odd one (``b & 15``) in the high half."""
+    bits = lax.bitcast_convert_type(centroids16.astype(dtype), jnp.uint16).astype(jnp.uint32)
+    b = jnp.arange(256)
+    return bits[b >> 4] | (bits[b & 15] << 16)
+
+
+def decode_bytes(table_ref: Any, packed: jnp.ndarray,
+                 dtype: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 tile [R, C] -> (even coords, odd coords) [R, C] in ``dtype`` (fp16/bf16): one
+    gather per byte from a :func:`pair_table`, then shifts and bitcasts (no float convert)."""
+    w = table_ref[packed.astype(jnp.int32)]
+    even = lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype)
+    odd = lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), dtype)
+    return even, odd
 
 
 def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,9 @@ from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import decode_pair, load_rows, load_tile, store_rows, store_tile, tile_index
-from .codec import dequantize_reference, padded_dims
+from ._tiles import (decode_bytes, load_rows, load_tile, pair_table, store_rows, store_tile,
+                     tile_index)
+from .codec import dequantize_reference
 from .layout import pad_codebook
 
 LOG2E = math.log2(math.e)
@@ -39,6 +40,22 @@ M_INIT = -1e30  # finite running max: a fully masked block gives p = 0, never Na
 # ----------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------
+#
+# Rows. A program serves a block of the ``group * Sq`` query rows that share one KV head,
+# ordered position-major (row r is query position r // group of query head r % group), so a
+# decoded K/V tile feeds every query head of its group and a causal block spans few positions.
+# Physically q and the output are viewed as [B, HKV, group * Sq, W] (head-major, a free
+# reshape of [B, HQ, Sq, W]): row r lives at (r % group) * Sq + r // group.
+
+
+class Config(NamedTuple):
+    """Static kernel configuration: tile sizes, warps, pipeline stages, KV splits."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int = 1
+
 
 def _split_refs(refs, k_tq4: bool, v_tq4: bool, has_mask: bool):
     """Kernel refs -> (q refs, k refs, v refs, mask ref or None, output refs)."""
@@ -51,235 +68,202 @@ def _split_refs(refs, k_tq4: bool, v_tq4: bool, has_mask: bool):
     return q_refs, k_refs, v_refs, mask_ref, refs
 
 
-def _attend(q_refs, k_refs, v_refs, mask_ref, q_rows, q_ok, q_pos, k_start, k_end, n_blocks, *,
-            k_tq4: bool, v_tq4: bool, causal: bool, scale_log2: float, block_n: int, sq: int,
-            sk: int, d: int):
-    """Online softmax of the query rows ``q_rows`` (positions ``q_pos``) over keys
-    ``[k_start, k_end)``, ``n_blocks`` tiles of ``block_n``. Returns (accs, m, l) unnormalized,
-    in log2 units; accs is (acc,) or (acc_even, acc_odd) when V is compressed."""
-    dp, hp = padded_dims(d)
-    cols, c_ok = tile_index(0, dp, d)
-    hcols, h_ok = tile_index(0, hp, d // 2)
-    if k_tq4:
-        q_even, q_odd = (load_tile(r, q_rows, q_ok, hcols, h_ok) for r in q_refs)
-        dt = q_even.dtype
-    else:
-        q = load_tile(q_refs[0], q_rows, q_ok, cols, c_ok)
-        dt = q.dtype
+def _columns(tq4: bool, d: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """Column indices of a K/V/q tile (D, or D/2 bytes when compressed, padded to a power of
+    two) and their mask (None when no padding)."""
+    width = d // 2 if tq4 else d
+    cols, ok = tile_index(0, next_pow2(width), width)
+    return cols, (None if next_pow2(width) == width else ok)
+
+
+def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, mask_heads: bool,
+                 causal: bool, scale_log2: float, cfg: Config, group: int, sq: int, sk: int,
+                 d: int):
+    """One program per (row block, batch * KV head, KV split): online softmax over the keys
+    of its split. With one split it writes the normalized output; with several it writes
+    unnormalized (acc, m, l) per split (log2 units) for the wrapper's log-sum-exp merge."""
+    q_refs, k_refs, v_refs, mask_ref, o_refs = _split_refs(refs, k_tq4, v_tq4, has_mask)
+    bm, bn = cfg.block_m, cfg.block_n
+    n_rows = group * sq
+    rb = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
+    r, r_ok = tile_index(rb * bm, bm, n_rows)
+    pos = r // group
+    # rows past n_rows keep distinct (masked) indices: interpret mode scatters masked lanes too
+    phys = jnp.where(r_ok, (r % group) * sq + pos, r)
+    shift = sk - sq  # causal: the last query sees the last key
+
+    kcols, kc_ok = _columns(k_tq4, d)
+    vcols, vc_ok = _columns(v_tq4, d)
+    q_tiles = [load_tile(ref, phys, r_ok, kcols, kc_ok) for ref in q_refs]
+    dt = q_tiles[0].dtype
     dot = partial(jnp.dot, preferred_element_type=jnp.float32)
 
-    def body(j, carry):
+    # Key range of this program, and the prefix of whole blocks that needs no masking.
+    split_len = pl.cdiv(pl.cdiv(sk, cfg.splits), bn) * bn
+    k_start = pl.program_id(2) * split_len
+    k_stop = jnp.minimum(k_start + split_len, sk)
+    hi = safe = k_stop
+    if causal:
+        last_pos = (jnp.minimum(rb * bm + bm, n_rows) - 1) // group
+        hi = jnp.minimum(k_stop, last_pos + shift + 1)
+        safe = jnp.minimum(hi, (rb * bm) // group + shift + 1)
+    n_all = pl.cdiv(jnp.maximum(hi - k_start, 0), bn)
+    n_safe = 0 if has_mask else jnp.minimum(jnp.maximum(safe - k_start, 0) // bn, n_all)
+
+    def body(j, carry, masked: bool):
         accs, m_prev, l_prev = carry
-        k_pos, k_ok = tile_index(k_start + j * block_n, block_n, k_end)
+        k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
+        kmask = k_ok if masked else None
         if k_tq4:
-            kp_ref, kn_ref, kc_ref = k_refs
-            c_even, c_odd = decode_pair(kc_ref, load_tile(kp_ref, k_pos, k_ok, hcols, h_ok))
-            s = dot(q_even, c_even.astype(dt).T) + dot(q_odd, c_odd.astype(dt).T)
-            s = s * (load_rows(kn_ref, k_pos, k_ok) * scale_log2)[None, :]
+            kp_ref, kn_ref, kt_ref = k_refs
+            k_even, k_odd = decode_bytes(kt_ref, load_tile(kp_ref, k_pos, kmask, kcols, kc_ok), dt)
+            s = dot(q_tiles[0], k_even.T) + dot(q_tiles[1], k_odd.T)
+            norm = load_rows(kn_ref, k_pos, k_ok) if masked else kn_ref[k_pos]
+            s = s * (norm * scale_log2)[None, :]
         else:
-            k = load_tile(k_refs[0], k_pos, k_ok, cols, c_ok)
-            s = dot(q, k.T) * scale_log2
-        if mask_ref is not None:
-            s = s + load_tile(mask_ref, q_pos, q_ok, k_pos, k_ok).astype(jnp.float32) * LOG2E
-        visible = k_ok[None, :]
-        if causal:
-            visible = visible & (k_pos[None, :] <= q_pos[:, None] + (sk - sq))
-        s = jnp.where(visible, s, MASKED)
+            s = dot(q_tiles[0], load_tile(k_refs[0], k_pos, kmask, kcols, kc_ok).T) * scale_log2
+        if masked:
+            if mask_ref is not None:
+                s = s + load_tile(mask_ref, phys if mask_heads else pos, r_ok, k_pos,
+                                  k_ok).astype(jnp.float32) * LOG2E
+            visible = k_ok[None, :]
+            if causal:
+                visible = visible & (k_pos[None, :] <= pos[:, None] + shift)
+            s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         if v_tq4:
-            vp_ref, vn_ref, vc_ref = v_refs
-            pv = (p * load_rows(vn_ref, k_pos, k_ok)[None, :]).astype(dt)
-            v_even, v_odd = decode_pair(vc_ref, load_tile(vp_ref, k_pos, k_ok, hcols, h_ok))
-            accs = (accs[0] * alpha[:, None] + dot(pv, v_even.astype(dt)),
-                    accs[1] * alpha[:, None] + dot(pv, v_odd.astype(dt)))
+            vp_ref, vn_ref, vt_ref = v_refs
+            norm = load_rows(vn_ref, k_pos, k_ok) if masked else vn_ref[k_pos]
+            pv = (p * norm[None, :]).astype(dt)
+            v_even, v_odd = decode_bytes(vt_ref, load_tile(vp_ref, k_pos, kmask, vcols, vc_ok), dt)
+            accs = (accs[0] * alpha[:, None] + dot(pv, v_even),
+                    accs[1] * alpha[:, None] + dot(pv, v_odd))
         else:
-            v = load_tile(v_refs[0], k_pos, k_ok, cols, c_ok)
-            accs = (accs[0] * alpha[:, None] + dot(p.astype(v.dtype), v),)
+            v = load_tile(v_refs[0], k_pos, kmask, vcols, vc_ok)
+            accs = (accs[0] * alpha[:, None] + dot(p.astype(dt), v),)
         return accs, m_new, l_new
 
-    rows = q_rows.shape[0]
-    width = hp if v_tq4 else dp
-    accs = tuple(jnp.zeros((rows, width), jnp.float32) for _ in range(2 if v_tq4 else 1))
-    m0 = jnp.full((rows,), M_INIT, jnp.float32)
-    return lax.fori_loop(0, n_blocks, body, (accs, m0, jnp.zeros_like(m0)))
+    wv = vcols.shape[0]
+    accs = tuple(jnp.zeros((bm, wv), jnp.float32) for _ in range(2 if v_tq4 else 1))
+    m0 = jnp.full((bm,), M_INIT, jnp.float32)
+    carry = (accs, m0, jnp.zeros_like(m0))
+    carry = lax.fori_loop(0, n_safe, partial(body, masked=False), carry)
+    accs, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
 
-
-def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, causal: bool,
-                 scale_log2: float, block_m: int, block_n: int, sq: int, sk: int, d: int):
-    """Prefill: one program per (query block, batch * query head)."""
-    q_refs, k_refs, v_refs, mask_ref, o_refs = _split_refs(refs, k_tq4, v_tq4, has_mask)
-    qi = pl.program_id(0)
-    q_pos, q_ok = tile_index(qi * block_m, block_m, sq)
-    n_blocks = pl.cdiv(sk, block_n)
-    if causal:  # keys past the last query row of this block are never visible
-        last = jnp.minimum((qi + 1) * block_m, sq) + (sk - sq)
-        n_blocks = jnp.clip(pl.cdiv(last, block_n), 0, n_blocks)
-    accs, _, l_fin = _attend(q_refs, k_refs, v_refs, mask_ref, q_pos, q_ok, q_pos, 0, sk,
-                             n_blocks, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
-                             scale_log2=scale_log2, block_n=block_n, sq=sq, sk=sk, d=d)
-    inv_l = 1.0 / jnp.where(l_fin > 0, l_fin, 1.0)
-    dp, hp = padded_dims(d)
-    o_cols, o_ok = tile_index(0, hp, d // 2) if v_tq4 else tile_index(0, dp, d)
-    for o_ref, acc in zip(o_refs, accs):
-        store_tile(o_ref, q_pos, q_ok, o_cols, o_ok, acc * inv_l[:, None])
-
-
-def _decode_kernel(*refs, k_tq4: bool, v_tq4: bool, causal: bool, scale_log2: float,
-                   rows: int, block_n: int, split_len: int, sq: int, sk: int, d: int):
-    """Split-KV decode: one program per (batch * KV head, split) serving all ``group * sq``
-    query rows of the KV head, so each K/V tile is loaded and decoded once per group.
-    Writes unnormalized (acc, m, l) per split; the wrapper merges splits (log-sum-exp)."""
-    q_refs, k_refs, v_refs, _, o_refs = _split_refs(refs, k_tq4, v_tq4, False)
+    if cfg.splits == 1:
+        inv_l = 1.0 / jnp.where(l_fin > 0, l_fin, 1.0)
+        for o_ref, acc in zip(o_refs, accs):
+            store_tile(o_ref, phys, r_ok, vcols, vc_ok, acc * inv_l[:, None])
+        return
     *acc_refs, m_ref, l_ref = o_refs
-    n_rows = q_refs[0].shape[0]  # group * sq
-    q_rows, q_ok = tile_index(0, rows, n_rows)
-    q_pos = q_rows % sq
-    k_start = pl.program_id(1) * split_len
-    k_end = jnp.minimum(k_start + split_len, sk)
-    n_blocks = pl.cdiv(jnp.maximum(k_end - k_start, 0), block_n)
-    accs, m, l_fin = _attend(q_refs, k_refs, v_refs, None, q_rows, q_ok, q_pos, k_start, k_end,
-                             n_blocks, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
-                             scale_log2=scale_log2, block_n=block_n, sq=sq, sk=sk, d=d)
-    width = accs[0].shape[1]
-    cols, c_ok = tile_index(0, width, width)
     for o_ref, acc in zip(acc_refs, accs):
-        store_tile(o_ref, q_rows, q_ok, cols, c_ok, acc)
-    store_rows(m_ref, q_rows, q_ok, m)
-    store_rows(l_ref, q_rows, q_ok, l_fin)
+        store_tile(o_ref, phys, r_ok, vcols, vc_ok, acc)
+    store_rows(m_ref, phys, r_ok, m)
+    store_rows(l_ref, phys, r_ok, l_fin)
 
 
-def _block_sizes(sq: int, d: int) -> tuple[int, int, int]:
-    """(block_m, block_n, num_warps) for a query length and head dim."""
-    block_m = min(64, max(16, next_pow2(sq)))
-    block_n = 32 if d > 128 else 64
-    return block_m, block_n, 4
-
-
-@partial(jax.jit, static_argnames=("k_tq4", "v_tq4", "causal", "scale", "d", "mode"))
-def _attn_pallas(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d, mode):
-    """q_parts: (q,) or (q_even, q_odd) [B, HQ, Sq, *]; k/v parts: (x,) or (codes, norms,
-    codebook16). mask: None or [Bm, Hm, Sq, Sk]. Returns a tuple of outputs [B, HQ, Sq, *]."""
-    b, hq, sq, _ = q_parts[0].shape
-    hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
-    group = hq // hkv
-    block_m, block_n, num_warps = _block_sizes(sq, d)
-
-    def per_q(bh):  # grid axis 1 = b * HQ + h
-        return bh // hq, bh % hq
-
-    def spec4(x, kv: bool):
-        def index(i, bh):
-            bi, hi = per_q(bh)
-            return bi, (hi // group if kv else hi), 0, 0
-        return pl.BlockSpec((None, None) + x.shape[2:], index)
-
-    def spec3(x):  # norms [B, HKV, Sk]
-        return pl.BlockSpec((None, None, x.shape[2]), lambda i, bh: (
-            per_q(bh)[0], per_q(bh)[1] // group, 0))
-
-    def spec_kv(parts):
-        if len(parts) == 1:
-            return [spec4(parts[0], True)]
-        return [spec4(parts[0], True), spec3(parts[1]), pl.BlockSpec(parts[2].shape, lambda i, bh: (0,))]
-
-    args = list(q_parts) + list(k_parts) + list(v_parts)
-    in_specs = [spec4(x, False) for x in q_parts] + spec_kv(k_parts) + spec_kv(v_parts)
-    if mask is not None:
-        bm, hm = mask.shape[0], mask.shape[1]
-        in_specs.append(pl.BlockSpec((None, None, sq, sk), lambda i, bh: (
-            per_q(bh)[0] if bm > 1 else 0, per_q(bh)[1] if hm > 1 else 0, 0, 0)))
-        args.append(mask)
-    if v_tq4:
-        out_shape = tuple(jax.ShapeDtypeStruct((b, hq, sq, d // 2), jnp.float32) for _ in range(2))
-    else:
-        out_shape = (jax.ShapeDtypeStruct((b, hq, sq, d), q_parts[0].dtype),)
-    out_specs = tuple(spec4(o, False) for o in out_shape)
-    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, has_mask=mask is not None,
-                     causal=causal, scale_log2=scale * LOG2E, block_m=block_m,
-                     block_n=block_n, sq=sq, sk=sk, d=d)
-    return pallas_call(kernel, mode=mode, grid=(pl.cdiv(sq, block_m), b * hq),
-                       out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
-                       num_warps=num_warps, num_stages=2)(*args)
-
-
-#: Query lengths up to this use the split-KV decode kernel (rows of a KV group share a tile).
-DECODE_MAX_SQ = 16
-#: Streaming multiprocessors to fill (H100/H200: 132); splits aim at 2 programs per SM.
+#: Streaming multiprocessors to fill (H100/H200: 132); KV splits aim at 2 programs per SM.
 NUM_SMS = 132
+#: A KV split covers at least this many keys.
 MIN_SPLIT_KEYS = 256
 
 
-def num_splits(b: int, hkv: int, sk: int) -> int:
-    """KV splits for decode: enough programs for 2 per SM, at least MIN_SPLIT_KEYS keys each."""
-    want = pl.cdiv(2 * NUM_SMS, max(1, b * hkv))
-    return int(max(1, min(want, pl.cdiv(sk, MIN_SPLIT_KEYS))))
+def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int) -> Config:
+    """Tile sizes for ``n_rows = group * Sq`` query rows per KV head over ``sk`` keys, and
+    enough KV splits to give every SM two programs when there are few row blocks."""
+    if n_rows <= 64:  # decode / short chunks: one row block, long key tiles
+        bm = max(16, next_pow2(n_rows))
+        cfg = Config(bm, 64 if d <= 128 else 32, 4, 3)
+    elif d <= 128:
+        cfg = Config(128, 64, 8, 3)
+    else:
+        cfg = Config(64, 32, 8, 2)
+    programs = pl.cdiv(n_rows, cfg.block_m) * b * hkv
+    splits = 1
+    if programs < 2 * NUM_SMS:
+        splits = max(1, min(pl.cdiv(2 * NUM_SMS, programs), sk // MIN_SPLIT_KEYS))
+    return cfg._replace(splits=int(splits))
 
 
-@partial(jax.jit, static_argnames=("k_tq4", "v_tq4", "causal", "scale", "d", "splits", "mode"))
-def _decode_pallas(q_parts, k_parts, v_parts, *, k_tq4, v_tq4, causal, scale, d, splits, mode):
-    """Split-KV decode. Same parts as :func:`_attn_pallas`; returns outputs [B, HQ, Sq, *] f32
-    (width D, or D/2 halves for compressed V), merged over splits with log-sum-exp."""
+def _split_spec(shape: tuple, bh) -> pl.BlockSpec:
+    """BlockSpec of a per-split partial output [B, HKV, splits, rows(, W)]."""
+    zeros = (0,) * (len(shape) - 3)
+    return pl.BlockSpec((None, None, None) + shape[3:], lambda r, i, s: bh(r, i, s) + (s,) + zeros)
+
+
+@partial(jax.jit, static_argnames=("k_tq4", "v_tq4", "causal", "scale", "d", "cfg", "mode"))
+def _attn_pallas(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d, cfg,
+                 mode):
+    """q_parts: (q,) or (q_even, q_odd) [B, HQ, Sq, *]; k/v parts: (x,) or (codes, norms,
+    pair table); mask: None or [Bm, Hm, Sq, Sk]. Returns a tuple of outputs [B, HQ, Sq, *]:
+    (out,) in q's dtype, or (out_even, out_odd) float32 in rotated space for compressed V."""
     b, hq, sq, _ = q_parts[0].shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
-    g = hq // hkv
-    n_rows = g * sq
-    rows = max(16, next_pow2(n_rows))
-    dp, hp = padded_dims(d)
-    _, block_n, num_warps = _block_sizes(1, d)
-    split_len = pl.cdiv(pl.cdiv(sk, splits), block_n) * block_n
-    q_view = [x.reshape(b, hkv, n_rows, x.shape[-1]) for x in q_parts]  # row = g * Sq + s
+    group, n_rows, splits = hq // hkv, (hq // hkv) * sq, cfg.splits
+    q_view = [x.reshape(b, hkv, n_rows, x.shape[-1]) for x in q_parts]
 
-    def head(bh):
-        return bh // hkv, bh % hkv
+    def bh(r, i, s):
+        return i // hkv, i % hkv
 
-    spec4 = lambda x: pl.BlockSpec((None, None) + x.shape[2:],  # noqa: E731
-                                   lambda bh, sp: (*head(bh), 0, 0))
+    def rows_spec(x):  # [B, HKV, rows, W] or [B, HKV, Sk] (norms)
+        zeros = (0,) * (x.ndim - 2)
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda r, i, s: bh(r, i, s) + zeros)
 
-    def spec_kv(parts):
-        if len(parts) == 1:
-            return [spec4(parts[0])]
-        return [spec4(parts[0]), pl.BlockSpec((None, None, sk), lambda bh, sp: (*head(bh), 0)),
-                pl.BlockSpec(parts[2].shape, lambda bh, sp: (0,))]
+    def kv_specs(parts):
+        return [rows_spec(x) if x.ndim >= 3 else pl.BlockSpec(x.shape, lambda r, i, s: (0,))
+                for x in parts]
 
-    width = hp if v_tq4 else dp
-    n_acc = 2 if v_tq4 else 1
-    out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows, width), jnp.float32)
-                      for _ in range(n_acc))
-    out_shape += tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32)
-                       for _ in range(2))
-    out_specs = tuple(pl.BlockSpec((None, None, None, n_rows, width),
-                                   lambda bh, sp: (*head(bh), sp, 0, 0)) for _ in range(n_acc))
-    out_specs += tuple(pl.BlockSpec((None, None, None, n_rows), lambda bh, sp: (*head(bh), sp, 0))
-                       for _ in range(2))
-    kernel = partial(_decode_kernel, k_tq4=k_tq4, v_tq4=v_tq4, causal=causal,
-                     scale_log2=scale * LOG2E, rows=rows, block_n=block_n,
-                     split_len=split_len, sq=sq, sk=sk, d=d)
-    *accs, m, l = pallas_call(
-        kernel, mode=mode, grid=(b * hkv, splits), out_shape=out_shape,
-        in_specs=[spec4(x) for x in q_view] + spec_kv(k_parts) + spec_kv(v_parts),
-        out_specs=out_specs, num_warps=num_warps, num_stages=2,
-    )(*q_view, *k_parts, *v_parts)
-    w = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))     # [B, HKV, S, rows]
-    l_tot = jnp.sum(w * l, axis=2)
-    inv = 1.0 / jnp.where(l_tot > 0, l_tot, 1.0)
-    out_w = d // 2 if v_tq4 else d
-    return tuple((jnp.sum(w[..., None] * a, axis=2) * inv[..., None])[..., :out_w]
-                 .reshape(b, hq, sq, out_w) for a in accs)
+    args = q_view + list(k_parts) + list(v_parts)
+    in_specs = [rows_spec(x) for x in q_view] + kv_specs(k_parts) + kv_specs(v_parts)
+    mask_heads = False
+    if mask is not None:
+        bm_, hm = mask.shape[:2]
+        mask_heads = hm > 1
+        if mask_heads:
+            mask = mask.reshape(bm_, hkv, n_rows, sk)
+        in_specs.append(pl.BlockSpec((None, None) + mask.shape[2:], lambda r, i, s: (
+            i // hkv if bm_ > 1 else 0, i % hkv if mask_heads else 0, 0, 0)))
+        args.append(mask)
+
+    widths = (d // 2, d // 2) if v_tq4 else (d,)
+    if splits == 1:
+        dt = jnp.float32 if v_tq4 else q_parts[0].dtype
+        out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, n_rows, w), dt) for w in widths)
+        out_specs = tuple(rows_spec(o) for o in out_shape)
+    else:
+        out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows, w), jnp.float32)
+                          for w in widths)
+        out_shape += tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32)
+                           for _ in range(2))
+        out_specs = tuple(_split_spec(o.shape, bh) for o in out_shape)
+    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, has_mask=mask is not None,
+                     mask_heads=mask_heads, causal=causal, scale_log2=scale * LOG2E, cfg=cfg,
+                     group=group, sq=sq, sk=sk, d=d)
+    outs = pallas_call(kernel, mode=mode, grid=(pl.cdiv(n_rows, cfg.block_m), b * hkv, splits),
+                       out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
+    if splits > 1:  # log-sum-exp merge of the splits (axis 2)
+        *accs, m, l = outs
+        wgt = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
+        l_tot = jnp.sum(wgt * l, axis=2)
+        inv = 1.0 / jnp.where(l_tot > 0, l_tot, 1.0)
+        outs = [jnp.sum(wgt[..., None] * a, axis=2) * inv[..., None] for a in accs]
+        if not v_tq4:
+            outs = [outs[0].astype(q_parts[0].dtype)]
+    return tuple(o.reshape(b, hq, sq, o.shape[-1]) for o in outs)
 
 
-def _run(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d):
-    """Pick the decode (split-KV, grouped heads) or the prefill kernel."""
-    b, _, sq, _ = q_parts[0].shape
+def _run(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d, cfg=None):
+    """Run the kernel with :func:`choose_config` unless ``cfg`` is given."""
+    b, hq, sq, _ = q_parts[0].shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
-    if sq <= DECODE_MAX_SQ and mask is None:
-        return _decode_pallas(q_parts, k_parts, v_parts, k_tq4=k_tq4, v_tq4=v_tq4,
-                              causal=causal, scale=scale, d=d, splits=num_splits(b, hkv, sk),
-                              mode=kernel_mode())
+    if cfg is None:
+        cfg = choose_config(b, hkv, (hq // hkv) * sq, sk, d)
     return _attn_pallas(q_parts, k_parts, v_parts, mask, k_tq4=k_tq4, v_tq4=v_tq4,
-                        causal=causal, scale=scale, d=d, mode=kernel_mode())
+                        causal=causal, scale=scale, d=d, cfg=cfg, mode=kernel_mode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +435,8 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    (out,) = _run(_rotate_q(q, rotation), (k_packed, k_norms, pad_codebook(centroids)), (v,),
+    k_parts = (k_packed, k_norms, pair_table(pad_codebook(centroids), q.dtype))
+    (out,) = _run(_rotate_q(q, rotation), k_parts, (v,),
                   None, k_tq4=True, v_tq4=False, causal=bool(is_causal), scale=scale, d=d)
     return out.astype(q.dtype)
 
@@ -481,8 +466,8 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    o_even, o_odd = _run(
-        _rotate_q(q, rotation), (k_packed, k_norms, pad_codebook(centroids)),
-        (v_packed, v_norms, pad_codebook(v_centroids)), None, k_tq4=True, v_tq4=True,
-        causal=bool(is_causal), scale=scale, d=d)
+    k_parts = (k_packed, k_norms, pair_table(pad_codebook(centroids), q.dtype))
+    v_parts = (v_packed, v_norms, pair_table(pad_codebook(v_centroids), q.dtype))
+    o_even, o_odd = _run(_rotate_q(q, rotation), k_parts, v_parts, None, k_tq4=True,
+                         v_tq4=True, causal=bool(is_causal), scale=scale, d=d)
     return _post_rotate(o_even, o_odd, rotation, q.dtype)
