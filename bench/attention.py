@@ -108,22 +108,24 @@ def sweep(name, b, sq, sk, causal):
     q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
     tab = pair_table(pad_codebook(cent), q.dtype)
     qr = att._rotate_q(q, rot)
-    ops = {
-        "flash": lambda cfg: jax.jit(lambda q, k, v: att._run(
-            (q,), (k,), (v,), None, k_tq4=False, v_tq4=False, causal=causal,
-            scale=D ** -0.5, d=D, cfg=cfg)[0])(q, k, v),
-        "tq4_kv": lambda cfg: jax.jit(lambda qe, qo, kp, kn, vp, vn: att._run(
-            (qe, qo), (kp, kn, tab), (vp, vn, tab), None, k_tq4=True, v_tq4=True,
-            causal=causal, scale=D ** -0.5, d=D, cfg=cfg))(*qr, kp, kn, vp, vn),
-    }
+    flash = jax.jit(lambda q, k, v, cfg: att._run(
+        (q,), (k,), (v,), None, k_tq4=False, v_tq4=False, causal=causal, scale=D ** -0.5,
+        d=D, cfg=cfg)[0], static_argnames="cfg")
+    tq4_kv = jax.jit(lambda qe, qo, kp, kn, vp, vn, cfg: att._run(
+        (qe, qo), (kp, kn, tab), (vp, vn, tab), None, k_tq4=True, v_tq4=True, causal=causal,
+        scale=D ** -0.5, d=D, cfg=cfg), static_argnames="cfg")
+    ops = {"flash": lambda cfg: flash(q, k, v, cfg=cfg),  # jitted once per cfg
+           "tq4_kv": lambda cfg: tq4_kv(*qr, kp, kn, vp, vn, cfg=cfg)}
     default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D)
     if sq * HQ // HKV <= 64:
         grid = [att.Config(default.block_m, bn, w, st, sp) for bn, (w, st), sp in itertools.product(
             (64, 128, 256), ((4, 2), (4, 3), (8, 3)),
             sorted({default.splits, 2 * default.splits, 4 * default.splits}))]
     else:
-        grid = [att.Config(bm, bn, w, st) for bm, bn, (w, st) in itertools.product(
-            (64, 128), (32, 64, 128), ((4, 3), (8, 2), (8, 3), (8, 4)))]
+        grid = [att.Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
+                                         (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                                         (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
+                                         (64, 64, 4, 2))]
     print(f"\n## sweep: {name} (default {tuple(default)})\n")
     print("| op | block_m | block_n | warps | stages | splits | ms | max err vs default |")
     print("|---|---|---|---|---|---|---|---|")
