@@ -21,8 +21,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
 from tq4jax import attention as att  # noqa: E402
-from tq4jax._tiles import pair_table  # noqa: E402
-from tq4jax.layout import pad_codebook  # noqa: E402
 from _timing import device_line, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -89,9 +87,13 @@ def run_case(name, b, sq, sk, causal, rows):
     res = {}
     res["tq4jax flash fp16"] = time_ms(jax.jit(
         lambda q, k, v: tq.flash_attention(q, k, v, None, causal)), q, k, v)
+    cent_np = np.asarray(cent)  # concrete codebook: decoded in registers
     res["tq4jax tq4_kv"] = time_ms(jax.jit(
-        lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot,
+        lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent_np, rot,
                                                             None, causal)), q, kp, kn, vp, vn)
+    res["tq4jax tq4_kv traced codebook"] = time_ms(jax.jit(  # gathers from a 32-byte table
+        lambda q, kp, kn, vp, vn, c: tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, c, rot, None,
+                                                               causal)), q, kp, kn, vp, vn, cent)
     bt = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  BNHD -> BTNH
     for impl in ("cudnn", "xla"):
         try:
@@ -106,16 +108,15 @@ def run_case(name, b, sq, sk, causal, rows):
 def sweep(name, b, sq, sk, causal):
     """Time kernel configurations of both ops on one case; check each against the default."""
     q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
-    tab = pair_table(pad_codebook(cent), q.dtype)
-    qr = att._rotate_q(q, rot)
+    k_parts, lut = att._codes_parts(kp, kn, cent, np.asarray(cent), q.dtype)
+    v_parts = (vp, vn, k_parts[2])
     flash = jax.jit(lambda q, k, v, cfg: att._run(
-        (q,), (k,), (v,), None, k_tq4=False, v_tq4=False, causal=causal, scale=D ** -0.5,
-        d=D, cfg=cfg)[0], static_argnames="cfg")
-    tq4_kv = jax.jit(lambda qe, qo, kp, kn, vp, vn, cfg: att._run(
-        (qe, qo), (kp, kn, tab), (vp, vn, tab), None, k_tq4=True, v_tq4=True, causal=causal,
-        scale=D ** -0.5, d=D, cfg=cfg), static_argnames="cfg")
+        q, (k,), (v,), None, None, causal=causal, scale=D ** -0.5, cfg=cfg), static_argnames="cfg")
+    tq4_kv = jax.jit(lambda q, kp, vp, cfg: att._run(
+        q, kp, vp, rot, None, k_lut=lut, v_lut=lut, causal=causal, scale=D ** -0.5, cfg=cfg),
+        static_argnames="cfg")
     ops = {"flash": lambda cfg: flash(q, k, v, cfg=cfg),  # jitted once per cfg
-           "tq4_kv": lambda cfg: tq4_kv(*qr, kp, kn, vp, vn, cfg=cfg)}
+           "tq4_kv": lambda cfg: tq4_kv(q, k_parts, v_parts, cfg=cfg)}
     default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D)
     if sq * HQ // HKV <= 64:
         grid = [att.Config(default.block_m, bn, w, st, sp) for bn, (w, st), sp in itertools.product(

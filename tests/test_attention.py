@@ -139,7 +139,13 @@ def test_kernels_lower_to_triton(d):
          (q1, kp1, kn1, c, r)),
     ]
     for fn, args in cases:
-        assert "__gpu$xla.gpu.triton" in lower_to_triton(fn, *args)
+        text = lower_to_triton(fn, *args)
+        assert "__gpu$xla.gpu.triton" in text and "prmt" not in text  # traced codebook: gather
+    cent, rot = tq.lloyd_max(d, 4)[0], tq.haar_rotation(d)  # concrete codebook: prmt decode
+    for qq, kk, nn in ((q, kp, kn), (q1, kp1, kn1)):
+        text = lower_to_triton(lambda q, kp, kn: tq.flash_attention_tq4_kv(
+            q, kp, kn, kp, kn, cent, rot, impl="pallas"), qq, kk, nn)
+        assert "__gpu$xla.gpu.triton" in text and "prmt.b32" in text
 
 
 def test_bad_input():
@@ -192,3 +198,19 @@ def test_decode_many_splits_with_empty_ones(rng, monkeypatch):
     assert rel_l2(o, oracle(q, k, v, 1 / 8, False, mask)) < 1e-2
     o = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, None, True, impl="pallas")
     assert rel_l2(o, oracle(q, k_hat, v_hat, 1 / 8, True)) < 1e-2
+
+
+def test_traced_codebook_matches_static(rng):
+    """A codebook passed as a traced jit argument (gather decode) gives the same result as a
+    concrete one (register decode on the GPU)."""
+    q, k, v = _case(rng, 1, 4, 2, 3, 90, 64, jnp.bfloat16)
+    rot = tq.haar_rotation(64, seed=int(rng.integers(1 << 30)))
+    cent, bnd = tq.lloyd_max(64, 4)
+    kp, kn = tq.compress(k, rot, bnd, impl="reference")
+    vp, vn = tq.compress(v, rot, bnd, impl="reference")
+    f = jax.jit(lambda c: tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, c, rot, impl="pallas"))
+    traced = f(jnp.asarray(cent))
+    static = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, impl="pallas")
+    assert rel_l2(traced, static) < 1e-3
+    want = oracle(q, deq(kp, kn, cent, rot), deq(vp, vn, cent, rot), 1 / 8, False)
+    assert rel_l2(traced, want) < 2e-2

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
+import jax
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
@@ -69,23 +70,70 @@ def decode_pair(cent_ref: Any, packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.nd
     return cent_ref[hi], cent_ref[lo]
 
 
-def pair_table(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    """Codebook [16] -> [256] uint32 table (built outside kernels): entry ``b`` holds the
-    centroids of both nibbles of the packed byte ``b`` as 16-bit floats of ``dtype``, the
-    even coordinate (``b >> 4``) in the low half, the odd one (``b & 15``) in the high half."""
-    bits = lax.bitcast_convert_type(centroids16.astype(dtype), jnp.uint16).astype(jnp.uint32)
-    b = jnp.arange(256)
-    return bits[b >> 4] | (bits[b & 15] << 16)
+def codebook_bits(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """Codebook [16] -> its 16-bit float patterns in ``dtype`` (fp16/bf16) as uint16 [16]:
+    32 bytes, one memory sector, so an in-kernel gather from it is a single-sector load."""
+    return lax.bitcast_convert_type(centroids16.astype(dtype), jnp.uint16)
 
 
-def decode_bytes(table_ref: Any, packed: jnp.ndarray,
-                 dtype: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """uint8 tile [R, C] -> (even coords, odd coords) [R, C] in ``dtype`` (fp16/bf16): one
-    gather per byte from a :func:`pair_table`, then shifts and bitcasts (no float convert)."""
-    w = table_ref[packed.astype(jnp.int32)]
-    even = lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype)
-    odd = lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), dtype)
-    return even, odd
+# A static codebook is decoded without memory access: PTX ``prmt`` (byte permute) looks up 4
+# bytes by 4 selector nibbles in an 8-byte table held in two registers. The 16 16-bit entries
+# are split into byte planes (low bytes l, high bytes h; 4 registers each); per 4 nibbles,
+# 3 prmt per plane (entries 0-7, 8-15, pick by the nibble's bit 3) and 2 prmt to pair the
+# planes back into 16-bit values: 25 integer instructions for 8 coordinates. One asm instance
+# takes 4 packed code bytes ($4) and writes, per byte k, the uint32 $k = c[even] | c[odd] << 16.
+_PAIR_SEL = (0x4051, 0x6273)  # bytes (l1, h1, l0, h0) and (l3, h3, l2, h2) of (rl, rh)
+
+
+def lut_program(bits16: tuple[int, ...]) -> list[tuple]:
+    """Straight-line program (op, dst, *srcs) decoding 4 code bytes with a static codebook
+    (16 uint16 patterns). Ops: shr, and, or (immediate second operand), prmt (a, b, sel)."""
+    plane = lambda shift, i: sum(((bits16[i + j] >> shift) & 0xFF) << (8 * j)  # noqa: E731
+                                 for j in range(4))
+    tabs = {f"{n}{k}": plane(sh, 4 * k) for n, sh in (("l", 0), ("h", 8)) for k in range(4)}
+    prog = [("mov", name, val) for name, val in tabs.items()]
+    prog.append(("mov", "s0", "$4"))
+    prog.append(("shr", "s1", "$4", 16))
+    for h in (0, 1):
+        s = f"s{h}"
+        prog += [("and", "sel", s, 0x7777), ("shr", "sel2", s, 1),
+                 ("and", "sel2", "sel2", 0x4444), ("or", "sel2", "sel2", 0x3210)]
+        for n in ("l", "h"):
+            prog += [("prmt", "lo", f"{n}0", f"{n}1", "sel"), ("prmt", "hi", f"{n}2", f"{n}3", "sel"),
+                     ("prmt", f"r{n}", "lo", "hi", "sel2")]
+        # s holds nibbles (odd k, even k, odd k+1, even k+1) of bytes k = 2h, 2h + 1
+        prog += [("prmt", f"${2 * h + i}", "rl", "rh", _PAIR_SEL[i]) for i in (0, 1)]
+    return prog
+
+
+def lut_asm(bits16: tuple[int, ...]) -> str:
+    """PTX text of :func:`lut_program` for ``elementwise_inline_asm`` (pack=4)."""
+    regs = sorted({op[1] for op in lut_program(bits16) if not op[1].startswith("$")})
+    lines = ["{", f".reg .b32 {', '.join(regs)};"]
+    for op, dst, *src in lut_program(bits16):
+        src = [f"{x:#x}" if isinstance(x, int) else x for x in src]
+        kind = "prmt.b32" if op == "prmt" else f"{op}.b32"
+        lines.append(f"{kind} {dst}, {', '.join(src)};")
+    return "\n".join(lines + ["}"])
+
+
+def decode_bytes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
+                 lut: tuple[int, ...] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 tile [R, C] -> (even coords, odd coords) [R, C] centroids in ``dtype``.
+
+    ``lut`` (the codebook's 16 bit patterns, static) decodes in registers with ``prmt``
+    (compiled kernels only); otherwise two gathers per byte from ``table_ref``, the
+    :func:`codebook_bits` of the same codebook.
+    """
+    if lut is not None:
+        [w] = plgpu.elementwise_inline_asm(
+            lut_asm(lut), args=[packed], constraints="=r,=r,=r,=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.uint32)])
+        return (lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype),
+                lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), dtype))
+    hi, lo = split_nibbles(packed)
+    return (lax.bitcast_convert_type(table_ref[hi], dtype),
+            lax.bitcast_convert_type(table_ref[lo], dtype))
 
 
 def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
@@ -94,17 +142,19 @@ def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([even, odd], axis=-1).reshape(r, 2 * c)
 
 
-def split16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """float32 -> (hi, lo) float16 with ``x ~= hi + lo / SPLIT_SCALE`` to about 2**-21 relative.
+def split16(x: jnp.ndarray, dtype: Any = jnp.float16) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 -> (hi, lo) in a 16-bit float ``dtype`` with ``x ~= hi + lo / SPLIT_SCALE``
+    (about 2**-21 relative for fp16, 2**-16 for bf16).
 
     Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks). ``hi`` is
-    ``x`` with its mantissa truncated to fp16's 10 bits by bit masking: a float round trip
+    ``x`` with its mantissa truncated to the dtype's bits by bit masking: a float round trip
     (f32 -> f16 -> f32) would be folded away by XLA's excess-precision rewrite on the GPU.
     """
     x = x.astype(jnp.float32)
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFE000)
+    keep = 0xFFFFE000 if jnp.dtype(dtype) == jnp.float16 else 0xFFFF0000
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(keep)
     hi32 = lax.bitcast_convert_type(bits, jnp.float32)
-    return hi32.astype(jnp.float16), ((x - hi32) * SPLIT_SCALE).astype(jnp.float16)
+    return hi32.astype(dtype), ((x - hi32) * SPLIT_SCALE).astype(dtype)
 
 
 _dot32 = partial(jnp.dot, preferred_element_type=jnp.float32)
@@ -112,7 +162,7 @@ _dot32 = partial(jnp.dot, preferred_element_type=jnp.float32)
 
 def dot_split(a_hi: jnp.ndarray, a_lo: jnp.ndarray | None, b_hi: jnp.ndarray,
               b_lo: jnp.ndarray) -> jnp.ndarray:
-    """float32-accurate ``a @ b`` from fp16 halves on tensor cores (2 or 3 fp16 dots).
+    """float32-accurate ``a @ b`` from 16-bit halves on tensor cores (2 or 3 dots).
 
     ``a_lo=None`` when ``a`` is exactly fp16 (e.g. fp16 inputs). The lo*lo term is dropped.
     """

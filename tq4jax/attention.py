@@ -1,13 +1,15 @@
 """Contiguous attention: flash_attention, flash_attention_tq4, flash_attention_tq4_kv (LAYOUTS A1).
 
 One FlashAttention-2 forward kernel serves all three: K and V tiles come either dense
-(fp16/bf16) or as TQ4 codes that are decoded right after their load (nibble unpack, codebook
-gather, norm applied to scores / probabilities) and never exist in device memory.
+(fp16/bf16) or as TQ4 codes that are decoded right after their load and never exist in device
+memory. Decoding a code byte needs no memory access when the codebook is known at trace time
+(a 16-entry register table read with PTX ``prmt``); otherwise it gathers from a 32-byte table.
+Norms are applied to scores and probabilities, not to decoded elements:
+``s = norm_k * (q_rot . c[k_codes])``, ``acc += (p * norm_v) @ c[v_codes]``.
 
-* Compressed K: the query is pre-rotated once (``q @ Pi^T``) and split into its even and odd
-  coordinates, so ``s = norm_k * (q_even . c[hi] + q_odd . c[lo])`` needs no interleave.
-* Compressed V: the kernel accumulates ``(p * norm_v) @ c`` in rotated space, as even and odd
-  halves; the wrapper post-rotates once, ``out = out_even @ Pi[0::2] + out_odd @ Pi[1::2]``.
+* Compressed K: each program rotates its query tile once (``q @ Pi^T``).
+* Compressed V: the output is accumulated in rotated space and post-rotated once
+  (``o @ Pi``), inside the kernel, or after the split merge for split-KV decode.
 
 Shapes: q [B, H_Q, Sq, D] fp16/bf16; k/v [B, H_KV, Sk, D]; codes [B, H_KV, Sk, D/2] uint8;
 norms [B, H_KV, Sk] (or [..., 1]) f32; output [B, H_Q, Sq, D] in q's dtype. Causal masking
@@ -22,15 +24,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (decode_bytes, load_rows, load_tile, pair_table, store_rows, store_tile,
-                     tile_index)
+from ._tiles import (codebook_bits, decode_bytes, dot_split, interleave, load_rows, load_tile,
+                     split16, store_rows, store_tile, tile_index)
 from .codec import dequantize_reference
-from .layout import pad_codebook
+from .layout import CODEBOOK_SLOTS, pad_codebook
 
 LOG2E = math.log2(math.e)
 MASKED = -jnp.inf
@@ -44,8 +47,13 @@ M_INIT = -1e30  # finite running max: a fully masked block gives p = 0, never Na
 # Rows. A program serves a block of the ``group * Sq`` query rows that share one KV head,
 # ordered position-major (row r is query position r // group of query head r % group), so a
 # decoded K/V tile feeds every query head of its group and a causal block spans few positions.
-# Physically q and the output are viewed as [B, HKV, group * Sq, W] (head-major, a free
-# reshape of [B, HQ, Sq, W]): row r lives at (r % group) * Sq + r // group.
+# Physically q and the output are viewed as [B, HKV, group * Sq, D] (head-major, a free
+# reshape of [B, HQ, Sq, D]): row r lives at (r % group) * Sq + r // group.
+#
+# Rotations. With compressed K the program rotates its query tile itself (``q @ Pi^T`` as two
+# 16-bit dots against the hi/lo halves of Pi^T); with compressed V and one KV split it
+# post-rotates the normalized output (``o @ Pi``, three dots), so the rotated-space values
+# never leave the kernel. Decoded K/V tiles are interleaved back to [block_n, D] (tt.join).
 
 
 class Config(NamedTuple):
@@ -57,32 +65,48 @@ class Config(NamedTuple):
     splits: int = 1
 
 
-def _split_refs(refs, k_tq4: bool, v_tq4: bool, has_mask: bool):
-    """Kernel refs -> (q refs, k refs, v refs, mask ref or None, output refs)."""
+class Codes(NamedTuple):
+    """Static description of one compressed operand (K or V) for the kernel."""
+    lut: tuple[int, ...] | None  # codebook bit patterns for the in-register decode, or None
+
+
+def _split_refs(refs, k_tq4: bool, v_tq4: bool, post: bool, has_mask: bool):
+    """Kernel refs -> (q refs, k refs, v refs, post-rotation refs, mask ref, output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
-    q_refs = take(2 if k_tq4 else 1)
-    k_refs = take(3 if k_tq4 else 1)
+    q_refs = take(3 if k_tq4 else 1)   # q (+ Pi^T hi, lo)
+    k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
     v_refs = take(3 if v_tq4 else 1)
+    post_refs = take(2 if post else 0)  # Pi hi, lo
     mask_ref = take(1)[0] if has_mask else None
-    return q_refs, k_refs, v_refs, mask_ref, refs
+    return q_refs, k_refs, v_refs, post_refs, mask_ref, refs
 
 
-def _columns(tq4: bool, d: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    """Column indices of a K/V/q tile (D, or D/2 bytes when compressed, padded to a power of
-    two) and their mask (None when no padding)."""
-    width = d // 2 if tq4 else d
+def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """Column indices of a tile ``width`` wide, padded to a power of two, and their mask
+    (None when no padding)."""
     cols, ok = tile_index(0, next_pow2(width), width)
     return cols, (None if next_pow2(width) == width else ok)
 
 
-def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, mask_heads: bool,
-                 causal: bool, scale_log2: float, cfg: Config, group: int, sq: int, sk: int,
-                 d: int):
+def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, lut):
+    """TQ4 rows of a K/V tile -> (centroids [rows, D] in ``dt``, norms [rows] f32)."""
+    codes_ref, norms_ref, bits_ref = refs
+    even, odd = decode_bytes(bits_ref, load_tile(codes_ref, rows, rmask, bcols, bc_ok), dt, lut)
+    norms = norms_ref[rows] if rmask is None else load_rows(norms_ref, rows, rmask)
+    return interleave(even, odd), norms
+
+
+def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, k_lut, v_lut, has_mask: bool,
+                 mask_heads: bool, causal: bool, scale_log2: float, cfg: Config, group: int,
+                 sq: int, sk: int, d: int):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
-    of its split. With one split it writes the normalized output; with several it writes
-    unnormalized (acc, m, l) per split (log2 units) for the wrapper's log-sum-exp merge."""
-    q_refs, k_refs, v_refs, mask_ref, o_refs = _split_refs(refs, k_tq4, v_tq4, has_mask)
+    of its split. With one split it writes the normalized output (post-rotated when V is
+    compressed); with several it writes unnormalized (acc, m, l) per split (log2 units, V
+    still in rotated space) for the wrapper's log-sum-exp merge."""
+    post = v_tq4 and cfg.splits == 1
+    q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
+        refs, k_tq4, v_tq4, post, has_mask)
     bm, bn = cfg.block_m, cfg.block_n
     n_rows = group * sq
     rb = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
@@ -91,12 +115,15 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, mask_heads: bo
     # rows past n_rows keep distinct (masked) indices: interpret mode scatters masked lanes too
     phys = jnp.where(r_ok, (r % group) * sq + pos, r)
     shift = sk - sq  # causal: the last query sees the last key
-
-    kcols, kc_ok = _columns(k_tq4, d)
-    vcols, vc_ok = _columns(v_tq4, d)
-    q_tiles = [load_tile(ref, phys, r_ok, kcols, kc_ok) for ref in q_refs]
-    dt = q_tiles[0].dtype
+    cols, c_ok = _columns(d)
+    bcols, bc_ok = _columns(d // 2)
     dot = partial(jnp.dot, preferred_element_type=jnp.float32)
+
+    q = load_tile(q_refs[0], phys, r_ok, cols, c_ok)
+    dt = q.dtype
+    if k_tq4:  # q @ Pi^T, float32-accurate, back to q's dtype
+        rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in q_refs[1:])
+        q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
 
     # Key range of this program, and the prefix of whole blocks that needs no masking.
     split_len = pl.cdiv(pl.cdiv(sk, cfg.splits), bn) * bn
@@ -111,17 +138,14 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, mask_heads: bo
     n_safe = 0 if has_mask else jnp.minimum(jnp.maximum(safe - k_start, 0) // bn, n_all)
 
     def body(j, carry, masked: bool):
-        accs, m_prev, l_prev = carry
+        acc, m_prev, l_prev = carry
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         kmask = k_ok if masked else None
         if k_tq4:
-            kp_ref, kn_ref, kt_ref = k_refs
-            k_even, k_odd = decode_bytes(kt_ref, load_tile(kp_ref, k_pos, kmask, kcols, kc_ok), dt)
-            s = dot(q_tiles[0], k_even.T) + dot(q_tiles[1], k_odd.T)
-            norm = load_rows(kn_ref, k_pos, k_ok) if masked else kn_ref[k_pos]
-            s = s * (norm * scale_log2)[None, :]
+            k, k_norm = _decode_tile(k_refs, k_pos, kmask, bcols, bc_ok, dt, k_lut)
+            s = dot(q, k.T) * (k_norm * scale_log2)[None, :]
         else:
-            s = dot(q_tiles[0], load_tile(k_refs[0], k_pos, kmask, kcols, kc_ok).T) * scale_log2
+            s = dot(q, load_tile(k_refs[0], k_pos, kmask, cols, c_ok).T) * scale_log2
         if masked:
             if mask_ref is not None:
                 s = s + load_tile(mask_ref, phys if mask_heads else pos, r_ok, k_pos,
@@ -135,32 +159,27 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, has_mask: bool, mask_heads: bo
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         if v_tq4:
-            vp_ref, vn_ref, vt_ref = v_refs
-            norm = load_rows(vn_ref, k_pos, k_ok) if masked else vn_ref[k_pos]
-            pv = (p * norm[None, :]).astype(dt)
-            v_even, v_odd = decode_bytes(vt_ref, load_tile(vp_ref, k_pos, kmask, vcols, vc_ok), dt)
-            accs = (accs[0] * alpha[:, None] + dot(pv, v_even),
-                    accs[1] * alpha[:, None] + dot(pv, v_odd))
+            v, v_norm = _decode_tile(v_refs, k_pos, kmask, bcols, bc_ok, dt, v_lut)
+            p = p * v_norm[None, :]
         else:
-            v = load_tile(v_refs[0], k_pos, kmask, vcols, vc_ok)
-            accs = (accs[0] * alpha[:, None] + dot(p.astype(dt), v),)
-        return accs, m_new, l_new
+            v = load_tile(v_refs[0], k_pos, kmask, cols, c_ok)
+        return acc * alpha[:, None] + dot(p.astype(dt), v), m_new, l_new
 
-    wv = vcols.shape[0]
-    accs = tuple(jnp.zeros((bm, wv), jnp.float32) for _ in range(2 if v_tq4 else 1))
+    acc = jnp.zeros((bm, cols.shape[0]), jnp.float32)
     m0 = jnp.full((bm,), M_INIT, jnp.float32)
-    carry = (accs, m0, jnp.zeros_like(m0))
+    carry = (acc, m0, jnp.zeros_like(m0))
     carry = lax.fori_loop(0, n_safe, partial(body, masked=False), carry)
-    accs, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
+    acc, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
 
     if cfg.splits == 1:
-        inv_l = 1.0 / jnp.where(l_fin > 0, l_fin, 1.0)
-        for o_ref, acc in zip(o_refs, accs):
-            store_tile(o_ref, phys, r_ok, vcols, vc_ok, acc * inv_l[:, None])
+        out = acc * (1.0 / jnp.where(l_fin > 0, l_fin, 1.0))[:, None]
+        if post:  # o @ Pi with o split into 16-bit halves
+            r_hi, r_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in post_refs)
+            out = dot_split(*split16(out, dt), r_hi, r_lo)
+        store_tile(o_refs[0], phys, r_ok, cols, c_ok, out)
         return
-    *acc_refs, m_ref, l_ref = o_refs
-    for o_ref, acc in zip(acc_refs, accs):
-        store_tile(o_ref, phys, r_ok, vcols, vc_ok, acc)
+    acc_ref, m_ref, l_ref = o_refs
+    store_tile(acc_ref, phys, r_ok, cols, c_ok, acc)
     store_rows(m_ref, phys, r_ok, m)
     store_rows(l_ref, phys, r_ok, l_fin)
 
@@ -189,35 +208,45 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int) -> Config:
 
 
 def _split_spec(shape: tuple, bh) -> pl.BlockSpec:
-    """BlockSpec of a per-split partial output [B, HKV, splits, rows(, W)]."""
+    """BlockSpec of a per-split partial output [B, HKV, splits, rows(, D)]."""
     zeros = (0,) * (len(shape) - 3)
     return pl.BlockSpec((None, None, None) + shape[3:], lambda r, i, s: bh(r, i, s) + (s,) + zeros)
 
 
-@partial(jax.jit, static_argnames=("k_tq4", "v_tq4", "causal", "scale", "d", "cfg", "mode"))
-def _attn_pallas(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d, cfg,
-                 mode):
-    """q_parts: (q,) or (q_even, q_odd) [B, HQ, Sq, *]; k/v parts: (x,) or (codes, norms,
-    pair table); mask: None or [Bm, Hm, Sq, Sk]. Returns a tuple of outputs [B, HQ, Sq, *]:
-    (out,) in q's dtype, or (out_even, out_odd) float32 in rotated space for compressed V."""
-    b, hq, sq, _ = q_parts[0].shape
+@partial(jax.jit, static_argnames=("k_lut", "v_lut", "causal", "scale", "cfg", "mode"))
+def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale, cfg, mode):
+    """q [B, HQ, Sq, D]; k/v parts: (x,) dense [B, HKV, Sk, D] or (codes [B, HKV, Sk, D/2],
+    norms [B, HKV, Sk], codebook bits [16] uint16); rot: (Pi^T hi, lo, Pi hi, lo) [D, D] in
+    q's dtype, or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk].
+
+    Returns [B, HQ, Sq, D] in q's dtype; in rotated space (float32) when V is compressed and
+    the keys are split (the caller post-rotates after the merge)."""
+    b, hq, sq, d = q.shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     group, n_rows, splits = hq // hkv, (hq // hkv) * sq, cfg.splits
-    q_view = [x.reshape(b, hkv, n_rows, x.shape[-1]) for x in q_parts]
+    k_tq4, v_tq4 = len(k_parts) == 3, len(v_parts) == 3
+    post = v_tq4 and splits == 1
 
     def bh(r, i, s):
         return i // hkv, i % hkv
 
-    def rows_spec(x):  # [B, HKV, rows, W] or [B, HKV, Sk] (norms)
+    def rows_spec(x):  # [B, HKV, rows, D] or [B, HKV, Sk] (norms)
         zeros = (0,) * (x.ndim - 2)
         return pl.BlockSpec((None, None) + x.shape[2:], lambda r, i, s: bh(r, i, s) + zeros)
 
-    def kv_specs(parts):
-        return [rows_spec(x) if x.ndim >= 3 else pl.BlockSpec(x.shape, lambda r, i, s: (0,))
-                for x in parts]
+    def whole(x):  # a small array every program reads whole
+        return pl.BlockSpec(x.shape, lambda r, i, s: (0,) * x.ndim)
 
-    args = q_view + list(k_parts) + list(v_parts)
-    in_specs = [rows_spec(x) for x in q_view] + kv_specs(k_parts) + kv_specs(v_parts)
+    def specs(parts):
+        return [rows_spec(x) if x.ndim >= 3 else whole(x) for x in parts]
+
+    q_view = q.reshape(b, hkv, n_rows, d)
+    args = [q_view] + (list(rot[:2]) if k_tq4 else []) + list(k_parts) + list(v_parts)
+    in_specs = [rows_spec(q_view)] + [whole(x) for x in (rot[:2] if k_tq4 else [])]
+    in_specs += specs(k_parts) + specs(v_parts)
+    if post:
+        args += list(rot[2:4])
+        in_specs += [whole(x) for x in rot[2:4]]
     mask_heads = False
     if mask is not None:
         bm_, hm = mask.shape[:2]
@@ -228,42 +257,61 @@ def _attn_pallas(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale
             i // hkv if bm_ > 1 else 0, i % hkv if mask_heads else 0, 0, 0)))
         args.append(mask)
 
-    widths = (d // 2, d // 2) if v_tq4 else (d,)
     if splits == 1:
-        dt = jnp.float32 if v_tq4 else q_parts[0].dtype
-        out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, n_rows, w), dt) for w in widths)
-        out_specs = tuple(rows_spec(o) for o in out_shape)
+        out_shape = (jax.ShapeDtypeStruct((b, hkv, n_rows, d), q.dtype),)
+        out_specs = (rows_spec(out_shape[0]),)
     else:
-        out_shape = tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows, w), jnp.float32)
-                          for w in widths)
-        out_shape += tuple(jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32)
-                           for _ in range(2))
+        out_shape = (jax.ShapeDtypeStruct((b, hkv, splits, n_rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32),
+                     jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32))
         out_specs = tuple(_split_spec(o.shape, bh) for o in out_shape)
-    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, has_mask=mask is not None,
-                     mask_heads=mask_heads, causal=causal, scale_log2=scale * LOG2E, cfg=cfg,
-                     group=group, sq=sq, sk=sk, d=d)
+    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, k_lut=k_lut, v_lut=v_lut,
+                     has_mask=mask is not None, mask_heads=mask_heads, causal=causal,
+                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=sq, sk=sk, d=d)
     outs = pallas_call(kernel, mode=mode, grid=(pl.cdiv(n_rows, cfg.block_m), b * hkv, splits),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
-    if splits > 1:  # log-sum-exp merge of the splits (axis 2)
-        *accs, m, l = outs
-        wgt = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
-        l_tot = jnp.sum(wgt * l, axis=2)
-        inv = 1.0 / jnp.where(l_tot > 0, l_tot, 1.0)
-        outs = [jnp.sum(wgt[..., None] * a, axis=2) * inv[..., None] for a in accs]
-        if not v_tq4:
-            outs = [outs[0].astype(q_parts[0].dtype)]
-    return tuple(o.reshape(b, hq, sq, o.shape[-1]) for o in outs)
+    if splits == 1:
+        return outs[0].reshape(b, hq, sq, d)
+    acc, m, l = outs  # log-sum-exp merge of the splits (axis 2)
+    wgt = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
+    l_tot = jnp.sum(wgt * l, axis=2)
+    out = jnp.sum(wgt[..., None] * acc, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
+    out = out.reshape(b, hq, sq, d)
+    if v_tq4:
+        out = jnp.matmul(out, rot[4], precision=lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
 
 
-def _run(q_parts, k_parts, v_parts, mask, *, k_tq4, v_tq4, causal, scale, d, cfg=None):
+def _rotation_parts(rotation: jnp.ndarray, dtype: Any) -> tuple[jnp.ndarray, ...]:
+    """Pi [D, D] f32 -> (Pi^T hi, Pi^T lo, Pi hi, Pi lo) in ``dtype`` (see split16), and Pi."""
+    return (*split16(rotation.T, dtype), *split16(rotation, dtype), rotation)
+
+
+def _codes_parts(packed, norms, centroids, raw_centroids, dtype) -> tuple[tuple, Any]:
+    """Kernel inputs of one compressed operand, and its static LUT: the codebook's bit
+    patterns when ``raw_centroids`` (the caller's argument) is concrete - a numpy or
+    committed jax array, also when closed over by a jit-ed caller - and kernels are compiled;
+    None otherwise (the kernel then gathers from the bits table)."""
+    bits = codebook_bits(pad_codebook(centroids), dtype)
+    lut = None
+    if not kernel_mode().interpret and not isinstance(raw_centroids, jax.core.Tracer):
+        c = np.zeros(CODEBOOK_SLOTS, np.float32)
+        c[:np.size(raw_centroids)] = np.asarray(raw_centroids, np.float32).ravel()
+        lut = tuple(int(x) for x in c.astype(dtype).view(np.uint16))
+    return (packed, norms, bits), lut
+
+
+def _run(q, k_parts, v_parts, rotation, mask, *, k_lut=None, v_lut=None, causal, scale,
+         cfg=None):
     """Run the kernel with :func:`choose_config` unless ``cfg`` is given."""
-    b, hq, sq, _ = q_parts[0].shape
+    b, hq, sq, d = q.shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     if cfg is None:
         cfg = choose_config(b, hkv, (hq // hkv) * sq, sk, d)
-    return _attn_pallas(q_parts, k_parts, v_parts, mask, k_tq4=k_tq4, v_tq4=v_tq4,
-                        causal=causal, scale=scale, d=d, cfg=cfg, mode=kernel_mode())
+    rot = None if rotation is None else _rotation_parts(rotation, q.dtype)
+    return _attn_pallas(q, k_parts, v_parts, rot, mask, k_lut=k_lut, v_lut=v_lut,
+                        causal=causal, scale=scale, cfg=cfg, mode=kernel_mode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,21 +419,6 @@ def _check_tq4_args(q, k_packed, k_norms, centroids, rotation, sm_scale):
             _check_scale(sm_scale, d))
 
 
-def _rotate_q(q: jnp.ndarray, rotation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """q [B, HQ, Sq, D] -> (q_rot even coords, odd coords) in q's dtype; ``q_rot = q @ Pi^T``."""
-    q_rot = jnp.matmul(q.astype(jnp.float32), rotation.T, precision=lax.Precision.HIGHEST)
-    return q_rot[..., 0::2].astype(q.dtype), q_rot[..., 1::2].astype(q.dtype)
-
-
-def _post_rotate(o_even: jnp.ndarray, o_odd: jnp.ndarray, rotation: jnp.ndarray,
-                 dtype: Any) -> jnp.ndarray:
-    """Rotated-space halves [..., D/2] f32 -> original space ``out_rot @ Pi`` in ``dtype``."""
-    hi = lax.Precision.HIGHEST
-    out = (jnp.matmul(o_even, rotation[0::2], precision=hi)
-           + jnp.matmul(o_odd, rotation[1::2], precision=hi))
-    return out.astype(dtype)
-
-
 def _empty_or_none(q: jnp.ndarray, sk: int) -> jnp.ndarray | None:
     if q.shape[2] == 0 or sk == 0 or q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -412,9 +445,7 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
         return empty
     if resolve_impl(impl) == "reference":
         return attention_reference(q, k, v, scale, bool(is_causal), mask).astype(q.dtype)
-    (out,) = _run((q,), (k,), (v,), mask, k_tq4=False, v_tq4=False, causal=bool(is_causal),
-                  scale=scale, d=d)
-    return out.astype(q.dtype)
+    return _run(q, (k,), (v,), None, mask, causal=bool(is_causal), scale=scale)
 
 
 def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
@@ -425,9 +456,10 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     k_packed [B, HKV, Sk, D/2] uint8, k_norms [B, HKV, Sk] f32, v [B, HKV, Sk, D],
     centroids [2**bits] f32, rotation Pi [D, D]. Returns q's shape and dtype.
     """
+    raw = centroids
     q, k_packed, k_norms, centroids, rotation, scale = _check_tq4_args(
         q, k_packed, k_norms, centroids, rotation, sm_scale)
-    d, sk = q.shape[-1], k_packed.shape[2]
+    sk = k_packed.shape[2]
     v = _check_dense_kv("v", v, q, sk, k_packed.shape[1])
     empty = _empty_or_none(q, sk)
     if empty is not None:
@@ -435,10 +467,9 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    k_parts = (k_packed, k_norms, pair_table(pad_codebook(centroids), q.dtype))
-    (out,) = _run(_rotate_q(q, rotation), k_parts, (v,),
-                  None, k_tq4=True, v_tq4=False, causal=bool(is_causal), scale=scale, d=d)
-    return out.astype(q.dtype)
+    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw, q.dtype)
+    return _run(q, k_parts, (v,), rotation, None, k_lut=k_lut, causal=bool(is_causal),
+                scale=scale)
 
 
 def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
@@ -450,9 +481,10 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
     Codes [B, HKV, Sk, D/2] uint8, norms [B, HKV, Sk] f32; ``v_centroids`` is V's codebook when
     it differs from K's (e.g. K 4-bit, V 3-bit). Returns q's shape and dtype.
     """
+    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
     q, k_packed, k_norms, centroids, rotation, scale = _check_tq4_args(
         q, k_packed, k_norms, centroids, rotation, sm_scale)
-    d, sk = q.shape[-1], k_packed.shape[2]
+    sk = k_packed.shape[2]
     v_packed, v_norms = _check_codes("v_packed", "v_norms", v_packed, v_norms, q, sk)
     if v_packed.shape != k_packed.shape:
         raise ValueError(f"v_packed must have k_packed's shape {tuple(k_packed.shape)}, "
@@ -466,8 +498,7 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
         return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
-    k_parts = (k_packed, k_norms, pair_table(pad_codebook(centroids), q.dtype))
-    v_parts = (v_packed, v_norms, pair_table(pad_codebook(v_centroids), q.dtype))
-    o_even, o_odd = _run(_rotate_q(q, rotation), k_parts, v_parts, None, k_tq4=True,
-                         v_tq4=True, causal=bool(is_causal), scale=scale, d=d)
-    return _post_rotate(o_even, o_odd, rotation, q.dtype)
+    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw_k, q.dtype)
+    v_parts, v_lut = _codes_parts(v_packed, v_norms, v_centroids, raw_v, q.dtype)
+    return _run(q, k_parts, v_parts, rotation, None, k_lut=k_lut, v_lut=v_lut,
+                causal=bool(is_causal), scale=scale)
