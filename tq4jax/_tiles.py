@@ -126,11 +126,14 @@ def decode_bytes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
     :func:`codebook_bits` of the same codebook.
     """
     if lut is not None:
+        # Triton integers are signless: pass int8 in, take int32 out
         [w] = plgpu.elementwise_inline_asm(
-            lut_asm(lut), args=[packed], constraints="=r,=r,=r,=r,r", pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.uint32)])
+            lut_asm(lut), args=[lax.bitcast_convert_type(packed, jnp.int8)],
+            constraints="=r,=r,=r,=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int32)])
         return (lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype),
-                lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), dtype))
+                lax.bitcast_convert_type(lax.shift_right_logical(w, 16).astype(jnp.uint16),
+                                         dtype))
     hi, lo = split_nibbles(packed)
     return (lax.bitcast_convert_type(table_ref[hi], dtype),
             lax.bitcast_convert_type(table_ref[lo], dtype))
