@@ -117,11 +117,11 @@ def sweep(name, b, sq, sk, causal):
         static_argnames="cfg")
     ops = {"flash": lambda cfg: flash(q, k, v, cfg=cfg),  # jitted once per cfg
            "tq4_kv": lambda cfg: tq4_kv(q, k_parts, v_parts, cfg=cfg)}
-    default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D)
+    default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D, compressed=True)
     if sq * HQ // HKV <= 64:
         grid = [att.Config(default.block_m, bn, w, st, sp) for bn, (w, st), sp in itertools.product(
             (64, 128, 256), ((4, 2), (4, 3), (8, 3)),
-            sorted({default.splits, 2 * default.splits, 4 * default.splits}))]
+            sorted({default.splits // 2, default.splits, 2 * default.splits}))]
     else:
         grid = [att.Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
                                          (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),

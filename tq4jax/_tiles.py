@@ -80,29 +80,27 @@ def codebook_bits(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
 # bytes by 4 selector nibbles in an 8-byte table held in two registers. The 16 16-bit entries
 # are split into byte planes (low bytes l, high bytes h; 4 registers each); per 4 nibbles,
 # 3 prmt per plane (entries 0-7, 8-15, pick by the nibble's bit 3) and 2 prmt to pair the
-# planes back into 16-bit values: 25 integer instructions for 8 coordinates. One asm instance
-# takes 4 packed code bytes ($4) and writes, per byte k, the uint32 $k = c[even] | c[odd] << 16.
+# planes back into 16-bit values: 13 integer instructions for 4 coordinates. One asm instance
+# reads 4 int8 lanes holding code bytes (b0, b0, b1, b1) - the packed tile joined with itself -
+# and writes 4 16-bit lanes (c[b0 >> 4], c[b0 & 15], c[b1 >> 4], c[b1 & 15]): the decoded
+# tile comes out already interleaved, [rows, D].
 _PAIR_SEL = (0x4051, 0x6273)  # bytes (l1, h1, l0, h0) and (l3, h3, l2, h2) of (rl, rh)
 
 
 def lut_program(bits16: tuple[int, ...]) -> list[tuple]:
-    """Straight-line program (op, dst, *srcs) decoding 4 code bytes with a static codebook
-    (16 uint16 patterns). Ops: shr, and, or (immediate second operand), prmt (a, b, sel)."""
+    """Straight-line program (op, dst, *srcs) of one asm instance for a static codebook (16
+    uint16 patterns). Ops: mov, shr, and, or (immediate second operand), prmt (a, b, sel)."""
     plane = lambda shift, i: sum(((bits16[i + j] >> shift) & 0xFF) << (8 * j)  # noqa: E731
                                  for j in range(4))
-    tabs = {f"{n}{k}": plane(sh, 4 * k) for n, sh in (("l", 0), ("h", 8)) for k in range(4)}
-    prog = [("mov", name, val) for name, val in tabs.items()]
-    prog.append(("mov", "s0", "$4"))
-    prog.append(("shr", "s1", "$4", 16))
-    for h in (0, 1):
-        s = f"s{h}"
-        prog += [("and", "sel", s, 0x7777), ("shr", "sel2", s, 1),
-                 ("and", "sel2", "sel2", 0x4444), ("or", "sel2", "sel2", 0x3210)]
-        for n in ("l", "h"):
-            prog += [("prmt", "lo", f"{n}0", f"{n}1", "sel"), ("prmt", "hi", f"{n}2", f"{n}3", "sel"),
-                     ("prmt", f"r{n}", "lo", "hi", "sel2")]
-        # s holds nibbles (odd k, even k, odd k+1, even k+1) of bytes k = 2h, 2h + 1
-        prog += [("prmt", f"${2 * h + i}", "rl", "rh", _PAIR_SEL[i]) for i in (0, 1)]
+    prog = [("mov", f"{n}{k}", plane(sh, 4 * k)) for n, sh in (("l", 0), ("h", 8))
+            for k in range(4)]
+    prog += [("prmt", "s", "$2", "$2", 0x0020),  # nibbles (b0 & 15, b0 >> 4, b1 & 15, b1 >> 4)
+             ("and", "sel", "s", 0x7777), ("shr", "sel2", "s", 1),
+             ("and", "sel2", "sel2", 0x4444), ("or", "sel2", "sel2", 0x3210)]
+    for n in ("l", "h"):
+        prog += [("prmt", "lo", f"{n}0", f"{n}1", "sel"), ("prmt", "hi", f"{n}2", f"{n}3", "sel"),
+                 ("prmt", f"r{n}", "lo", "hi", "sel2")]
+    prog += [("prmt", f"${i}", "rl", "rh", _PAIR_SEL[i]) for i in (0, 1)]
     return prog
 
 
@@ -112,31 +110,29 @@ def lut_asm(bits16: tuple[int, ...]) -> str:
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
     for op, dst, *src in lut_program(bits16):
         src = [f"{x:#x}" if isinstance(x, int) else x for x in src]
-        kind = "prmt.b32" if op == "prmt" else f"{op}.b32"
-        lines.append(f"{kind} {dst}, {', '.join(src)};")
+        lines.append(f"{op}.b32 {dst}, {', '.join(src)};")
     return "\n".join(lines + ["}"])
 
 
-def decode_bytes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
-                 lut: tuple[int, ...] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """uint8 tile [R, C] -> (even coords, odd coords) [R, C] centroids in ``dtype``.
+def decode_codes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
+                 lut: tuple[int, ...] | None = None) -> jnp.ndarray:
+    """uint8 code tile [R, C] -> centroids [R, 2C] in ``dtype`` (fp16/bf16), coordinates in
+    order (even = high nibble first).
 
     ``lut`` (the codebook's 16 bit patterns, static) decodes in registers with ``prmt``
     (compiled kernels only); otherwise two gathers per byte from ``table_ref``, the
-    :func:`codebook_bits` of the same codebook.
+    :func:`codebook_bits` of the same codebook (32 bytes: one memory sector).
     """
     if lut is not None:
-        # Triton integers are signless: pass int8 in, take int32 out
-        [w] = plgpu.elementwise_inline_asm(
-            lut_asm(lut), args=[lax.bitcast_convert_type(packed, jnp.int8)],
-            constraints="=r,=r,=r,=r,r", pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int32)])
-        return (lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype),
-                lax.bitcast_convert_type(lax.shift_right_logical(w, 16).astype(jnp.uint16),
-                                         dtype))
+        b = lax.bitcast_convert_type(packed, jnp.int8)  # Triton integers are signless
+        [out] = plgpu.elementwise_inline_asm(
+            lut_asm(lut), args=[interleave(b, b)], constraints="=r,=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct((packed.shape[0], 2 * packed.shape[1]),
+                                                      dtype)])
+        return out
     hi, lo = split_nibbles(packed)
-    return (lax.bitcast_convert_type(table_ref[hi], dtype),
-            lax.bitcast_convert_type(table_ref[lo], dtype))
+    return interleave(lax.bitcast_convert_type(table_ref[hi], dtype),
+                      lax.bitcast_convert_type(table_ref[lo], dtype))
 
 
 def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:

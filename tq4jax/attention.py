@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (codebook_bits, decode_bytes, dot_split, interleave, load_rows, load_tile,
+from ._tiles import (codebook_bits, decode_codes, dot_split, load_rows, load_tile,
                      split16, store_rows, store_tile, tile_index)
 from .codec import dequantize_reference
 from .layout import CODEBOOK_SLOTS, pad_codebook
@@ -70,11 +70,11 @@ class Codes(NamedTuple):
     lut: tuple[int, ...] | None  # codebook bit patterns for the in-register decode, or None
 
 
-def _split_refs(refs, k_tq4: bool, v_tq4: bool, post: bool, has_mask: bool):
+def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mask: bool):
     """Kernel refs -> (q refs, k refs, v refs, post-rotation refs, mask ref, output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
-    q_refs = take(3 if k_tq4 else 1)   # q (+ Pi^T hi, lo)
+    q_refs = take(3 if rot_q else 1)   # q (+ Pi^T hi, lo)
     k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
     v_refs = take(3 if v_tq4 else 1)
     post_refs = take(2 if post else 0)  # Pi hi, lo
@@ -92,21 +92,20 @@ def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
 def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, lut):
     """TQ4 rows of a K/V tile -> (centroids [rows, D] in ``dt``, norms [rows] f32)."""
     codes_ref, norms_ref, bits_ref = refs
-    even, odd = decode_bytes(bits_ref, load_tile(codes_ref, rows, rmask, bcols, bc_ok), dt, lut)
+    tile = decode_codes(bits_ref, load_tile(codes_ref, rows, rmask, bcols, bc_ok), dt, lut)
     norms = norms_ref[rows] if rmask is None else load_rows(norms_ref, rows, rmask)
-    return interleave(even, odd), norms
+    return tile, norms
 
 
-def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, k_lut, v_lut, has_mask: bool,
-                 mask_heads: bool, causal: bool, scale_log2: float, cfg: Config, group: int,
-                 sq: int, sk: int, d: int):
+def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut, v_lut,
+                 has_mask: bool, mask_heads: bool, causal: bool, scale_log2: float, cfg: Config,
+                 group: int, sq: int, sk: int, d: int):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
     of its split. With one split it writes the normalized output (post-rotated when V is
     compressed); with several it writes unnormalized (acc, m, l) per split (log2 units, V
     still in rotated space) for the wrapper's log-sum-exp merge."""
-    post = v_tq4 and cfg.splits == 1
     q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
-        refs, k_tq4, v_tq4, post, has_mask)
+        refs, k_tq4, v_tq4, rot_q, post, has_mask)
     bm, bn = cfg.block_m, cfg.block_n
     n_rows = group * sq
     rb = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
@@ -121,7 +120,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, k_lut, v_lut, has_mask: bool,
 
     q = load_tile(q_refs[0], phys, r_ok, cols, c_ok)
     dt = q.dtype
-    if k_tq4:  # q @ Pi^T, float32-accurate, back to q's dtype
+    if rot_q:  # q @ Pi^T, float32-accurate, back to q's dtype
         rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in q_refs[1:])
         q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
 
@@ -184,26 +183,37 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, k_lut, v_lut, has_mask: bool,
     store_rows(l_ref, phys, r_ok, l_fin)
 
 
+#: Largest head dim whose rotation (two [D, D] 16-bit halves) is applied inside the kernel.
+ROTATE_IN_KERNEL_MAX_D = 128
 #: Streaming multiprocessors to fill (H100/H200: 132); KV splits aim at 2 programs per SM.
 NUM_SMS = 132
 #: A KV split covers at least this many keys.
 MIN_SPLIT_KEYS = 256
 
 
-def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int) -> Config:
+def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
+                  compressed: bool = False) -> Config:
     """Tile sizes for ``n_rows = group * Sq`` query rows per KV head over ``sk`` keys, and
-    enough KV splits to give every SM two programs when there are few row blocks."""
+    enough KV splits to give every SM ``per_sm`` programs when there are few row blocks.
+    Measured on an H200 (bench/attention.py --sweep); compressed K/V want longer key tiles
+    and more programs in flight (decoding is integer work, not memory traffic)."""
+    per_sm = 2
     if n_rows <= 64:  # decode / short chunks: one row block, long key tiles
         bm = max(16, next_pow2(n_rows))
-        cfg = Config(bm, 64 if d <= 128 else 32, 4, 3)
+        if d > 128:
+            cfg = Config(bm, 32, 4, 2)
+        elif compressed:
+            cfg, per_sm = Config(bm, 128, 4, 3), 4
+        else:
+            cfg = Config(bm, 64, 4, 3)
     elif d <= 128:
-        cfg = Config(128, 64, 8, 3)
+        cfg = Config(128, 64, 4 if compressed else 8, 3)
     else:
         cfg = Config(64, 32, 8, 2)
     programs = pl.cdiv(n_rows, cfg.block_m) * b * hkv
     splits = 1
-    if programs < 2 * NUM_SMS:
-        splits = max(1, min(pl.cdiv(2 * NUM_SMS, programs), sk // MIN_SPLIT_KEYS))
+    if programs < per_sm * NUM_SMS:
+        splits = max(1, min(pl.cdiv(per_sm * NUM_SMS, programs), sk // MIN_SPLIT_KEYS))
     return cfg._replace(splits=int(splits))
 
 
@@ -225,7 +235,11 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     group, n_rows, splits = hq // hkv, (hq // hkv) * sq, cfg.splits
     k_tq4, v_tq4 = len(k_parts) == 3, len(v_parts) == 3
-    post = v_tq4 and splits == 1
+    in_kernel = d <= ROTATE_IN_KERNEL_MAX_D  # else Pi's 16-bit halves overflow shared memory
+    rot_q, post = k_tq4 and in_kernel, v_tq4 and splits == 1 and in_kernel
+    if k_tq4 and not in_kernel:
+        q = jnp.matmul(q.astype(jnp.float32), rot[4].T, precision=lax.Precision.HIGHEST
+                       ).astype(q.dtype)
 
     def bh(r, i, s):
         return i // hkv, i % hkv
@@ -241,8 +255,8 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
         return [rows_spec(x) if x.ndim >= 3 else whole(x) for x in parts]
 
     q_view = q.reshape(b, hkv, n_rows, d)
-    args = [q_view] + (list(rot[:2]) if k_tq4 else []) + list(k_parts) + list(v_parts)
-    in_specs = [rows_spec(q_view)] + [whole(x) for x in (rot[:2] if k_tq4 else [])]
+    args = [q_view] + (list(rot[:2]) if rot_q else []) + list(k_parts) + list(v_parts)
+    in_specs = [rows_spec(q_view)] + [whole(x) for x in (rot[:2] if rot_q else [])]
     in_specs += specs(k_parts) + specs(v_parts)
     if post:
         args += list(rot[2:4])
@@ -258,21 +272,26 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
         args.append(mask)
 
     if splits == 1:
-        out_shape = (jax.ShapeDtypeStruct((b, hkv, n_rows, d), q.dtype),)
+        dt = jnp.float32 if v_tq4 and not post else q.dtype  # rotated space: keep f32
+        out_shape = (jax.ShapeDtypeStruct((b, hkv, n_rows, d), dt),)
         out_specs = (rows_spec(out_shape[0]),)
     else:
         out_shape = (jax.ShapeDtypeStruct((b, hkv, splits, n_rows, d), jnp.float32),
                      jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32),
                      jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32))
         out_specs = tuple(_split_spec(o.shape, bh) for o in out_shape)
-    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, k_lut=k_lut, v_lut=v_lut,
+    kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, rot_q=rot_q, post=post,
+                     k_lut=k_lut, v_lut=v_lut,
                      has_mask=mask is not None, mask_heads=mask_heads, causal=causal,
                      scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=sq, sk=sk, d=d)
     outs = pallas_call(kernel, mode=mode, grid=(pl.cdiv(n_rows, cfg.block_m), b * hkv, splits),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
     if splits == 1:
-        return outs[0].reshape(b, hq, sq, d)
+        out = outs[0].reshape(b, hq, sq, d)
+        if v_tq4 and not post:
+            out = jnp.matmul(out.astype(jnp.float32), rot[4], precision=lax.Precision.HIGHEST)
+        return out.astype(q.dtype)
     acc, m, l = outs  # log-sum-exp merge of the splits (axis 2)
     wgt = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
     l_tot = jnp.sum(wgt * l, axis=2)
@@ -308,7 +327,7 @@ def _run(q, k_parts, v_parts, rotation, mask, *, k_lut=None, v_lut=None, causal,
     b, hq, sq, d = q.shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     if cfg is None:
-        cfg = choose_config(b, hkv, (hq // hkv) * sq, sk, d)
+        cfg = choose_config(b, hkv, (hq // hkv) * sq, sk, d, compressed=len(k_parts) == 3)
     rot = None if rotation is None else _rotation_parts(rotation, q.dtype)
     return _attn_pallas(q, k_parts, v_parts, rot, mask, k_lut=k_lut, v_lut=v_lut,
                         causal=causal, scale=scale, cfg=cfg, mode=kernel_mode())
