@@ -58,22 +58,22 @@ def check_rotation(rotation: Any, d: int, name: str = "rotation") -> jnp.ndarray
     return rotation.astype(jnp.float32)
 
 
+def _check_table(name: str, x: Any, valid: tuple, entries: str) -> jnp.ndarray:
+    """A 1-D float table (boundaries or centroids) with one of the ``valid`` lengths."""
+    x = as_array(name, x)
+    check_float(name, x)
+    if x.ndim != 1 or x.shape[0] not in valid:
+        raise ValueError(f"{name} must be 1-D with {entries} entries {valid} "
+                         f"(bits 1..4), got shape {tuple(x.shape)}")
+    return x.astype(jnp.float32)
+
+
 def check_boundaries(boundaries: Any, name: str = "boundaries") -> jnp.ndarray:
-    boundaries = as_array(name, boundaries)
-    check_float(name, boundaries)
-    if boundaries.ndim != 1 or boundaries.shape[0] not in VALID_BOUNDARIES:
-        raise ValueError(f"{name} must be 1-D with 2**bits - 1 entries {VALID_BOUNDARIES} "
-                         f"(bits 1..4), got shape {tuple(boundaries.shape)}")
-    return boundaries.astype(jnp.float32)
+    return _check_table(name, boundaries, VALID_BOUNDARIES, "2**bits - 1")
 
 
 def check_centroids(centroids: Any, name: str = "centroids") -> jnp.ndarray:
-    centroids = as_array(name, centroids)
-    check_float(name, centroids)
-    if centroids.ndim != 1 or centroids.shape[0] not in VALID_CENTROIDS:
-        raise ValueError(f"{name} must be 1-D with 2**bits entries {VALID_CENTROIDS} "
-                         f"(bits 1..4), got shape {tuple(centroids.shape)}")
-    return centroids.astype(jnp.float32)
+    return _check_table(name, centroids, VALID_CENTROIDS, "2**bits")
 
 
 def check_packed(packed: Any, norms: Any, pname: str = "packed",
