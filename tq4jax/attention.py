@@ -101,9 +101,9 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
                  has_mask: bool, mask_heads: bool, causal: bool, scale_log2: float, cfg: Config,
                  group: int, sq: int, sk: int, d: int):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
-    of its split. With one split it writes the normalized output (post-rotated when V is
-    compressed); with several it writes unnormalized (acc, m, l) per split (log2 units, V
-    still in rotated space) for the wrapper's log-sum-exp merge."""
+    of its split. It writes the normalized output (post-rotated when V is compressed and
+    D <= 128); with several splits, per split in float32 plus the running max m (log2 units)
+    and sum l, for the wrapper's log-sum-exp merge (:func:`merge_splits`)."""
     q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
         refs, k_tq4, v_tq4, rot_q, post, has_mask)
     bm, bn = cfg.block_m, cfg.block_n
@@ -170,17 +170,14 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     carry = lax.fori_loop(0, n_safe, partial(body, masked=False), carry)
     acc, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
 
-    if cfg.splits == 1:
-        out = acc * (1.0 / jnp.where(l_fin > 0, l_fin, 1.0))[:, None]
-        if post:  # o @ Pi with o split into 16-bit halves
-            r_hi, r_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in post_refs)
-            out = dot_split(*split16(out, dt), r_hi, r_lo)
-        store_tile(o_refs[0], phys, r_ok, cols, c_ok, out)
-        return
-    acc_ref, m_ref, l_ref = o_refs
-    store_tile(acc_ref, phys, r_ok, cols, c_ok, acc)
-    store_rows(m_ref, phys, r_ok, m)
-    store_rows(l_ref, phys, r_ok, l_fin)
+    out = acc * (1.0 / jnp.where(l_fin > 0, l_fin, 1.0))[:, None]
+    if post:  # o @ Pi with o split into 16-bit halves (o is bounded by max |v|)
+        r_hi, r_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in post_refs)
+        out = dot_split(*split16(out, dt), r_hi, r_lo)
+    store_tile(o_refs[0], phys, r_ok, cols, c_ok, out)
+    if cfg.splits > 1:  # normalized per split; the merge weighs splits by 2**m * l
+        store_rows(o_refs[1], phys, r_ok, m)
+        store_rows(o_refs[2], phys, r_ok, l_fin)
 
 
 #: Largest head dim whose rotation (two [D, D] 16-bit halves) is applied inside the kernel.
@@ -229,14 +226,13 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
     norms [B, HKV, Sk], codebook bits [16] uint16); rot: (Pi^T hi, lo, Pi hi, lo) [D, D] in
     q's dtype, or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk].
 
-    Returns [B, HQ, Sq, D] in q's dtype; in rotated space (float32) when V is compressed and
-    the keys are split (the caller post-rotates after the merge)."""
+    Returns [B, HQ, Sq, D] in q's dtype."""
     b, hq, sq, d = q.shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     group, n_rows, splits = hq // hkv, (hq // hkv) * sq, cfg.splits
     k_tq4, v_tq4 = len(k_parts) == 3, len(v_parts) == 3
     in_kernel = d <= ROTATE_IN_KERNEL_MAX_D  # else Pi's 16-bit halves overflow shared memory
-    rot_q, post = k_tq4 and in_kernel, v_tq4 and splits == 1 and in_kernel
+    rot_q, post = k_tq4 and in_kernel, v_tq4 and in_kernel
     if k_tq4 and not in_kernel:
         q = jnp.matmul(q.astype(jnp.float32), rot[4].T, precision=lax.Precision.HIGHEST
                        ).astype(q.dtype)
@@ -292,14 +288,20 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
         if v_tq4 and not post:
             out = jnp.matmul(out.astype(jnp.float32), rot[4], precision=lax.Precision.HIGHEST)
         return out.astype(q.dtype)
-    acc, m, l = outs  # log-sum-exp merge of the splits (axis 2)
-    wgt = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
-    l_tot = jnp.sum(wgt * l, axis=2)
-    out = jnp.sum(wgt[..., None] * acc, axis=2) / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
-    out = out.reshape(b, hq, sq, d)
-    if v_tq4:
+    out = merge_splits(*outs).reshape(b, hq, sq, d)
+    if v_tq4 and not post:
         out = jnp.matmul(out, rot[4], precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)
+
+
+def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray, axis: int = 2) -> jnp.ndarray:
+    """Log-sum-exp merge of per-split normalized outputs ``o`` [..., S, rows, D] with running
+    max ``m`` (log2 units) and sum ``l`` [..., S, rows] along the split ``axis``; splits that
+    saw no key (l = 0) drop out, rows with no key at all give zeros."""
+    wgt = jnp.exp2(m - jnp.max(m, axis=axis, keepdims=True)) * l
+    total = jnp.sum(wgt, axis=axis)
+    return (jnp.sum(wgt[..., None] * o, axis=axis)
+            / jnp.where(total > 0, total, 1.0)[..., None])
 
 
 def _rotation_parts(rotation: jnp.ndarray, dtype: Any) -> tuple[jnp.ndarray, ...]:
