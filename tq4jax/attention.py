@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import (codebook_bits, decode_codes, dot_split, load_rows, load_tile,
                      split16, store_rows, store_tile, tile_index)
 from .codec import dequantize_reference
-from .layout import CODEBOOK_SLOTS, pad_codebook
+from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook
 
 LOG2E = math.log2(math.e)
 MASKED = -jnp.inf
@@ -70,13 +71,24 @@ class Codes(NamedTuple):
     lut: tuple[int, ...] | None  # codebook bit patterns for the in-register decode, or None
 
 
-def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mask: bool):
+class Paged(NamedTuple):
+    """Static description of a paged TQ4 cache (LAYOUTS.md A2) for the kernel."""
+    block_size: int
+    num_kv_heads: int
+    layout: PagedLayout
+
+
+def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mask: bool,
+                paged: Paged | None):
     """Kernel refs -> (q refs, k refs, v refs, post-rotation refs, mask ref, output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     q_refs = take(3 if rot_q else 1)   # q (+ Pi^T hi, lo)
-    k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
-    v_refs = take(3 if v_tq4 else 1)
+    if paged is not None:              # cache, block table row, seq_lens, K bits | V bits
+        k_refs, v_refs = take(4), take(1)
+    else:
+        k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
+        v_refs = take(3 if v_tq4 else 1)
     post_refs = take(2 if post else 0)  # Pi hi, lo
     mask_ref = take(1)[0] if has_mask else None
     return q_refs, k_refs, v_refs, post_refs, mask_ref, refs
@@ -97,15 +109,32 @@ def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, lut):
     return tile, norms
 
 
+def _paged_tile(paged: Paged, cache_ref, bt_ref, bits_ref, codes_at: int, norms_at: int,
+                k_pos, kmask, bcols, bc_ok, dt, lut):
+    """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
+    (centroids [rows, D] in ``dt``, norms [rows] f32). ``bt_ref`` is the sequence's block
+    table row; block ids are clamped into the cache, masked lanes read nothing."""
+    bs = paged.block_size
+    n_blocks = cache_ref.shape[0] // bs
+    idx = k_pos // bs
+    blk = bt_ref[idx] if kmask is None else plgpu.load(bt_ref.at[idx], mask=kmask, other=0)
+    rows = jnp.clip(blk, 0, n_blocks - 1) * bs + k_pos % bs
+    codes = load_tile(cache_ref, rows, kmask, codes_at + bcols, bc_ok)
+    four = jnp.arange(NORM_BYTES, dtype=jnp.int32)
+    nbytes = load_tile(cache_ref, rows, kmask, norms_at + four, None).astype(jnp.int32)
+    word = jnp.sum(nbytes << (8 * four)[None, :], axis=1)  # little-endian float32
+    return decode_codes(bits_ref, codes, dt, lut), lax.bitcast_convert_type(word, jnp.float32)
+
+
 def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut, v_lut,
                  has_mask: bool, mask_heads: bool, causal: bool, scale_log2: float, cfg: Config,
-                 group: int, sq: int, sk: int, d: int):
+                 group: int, sq: int, sk: int, d: int, paged: Paged | None = None):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
     of its split. It writes the normalized output (post-rotated when V is compressed and
     D <= 128); with several splits, per split in float32 plus the running max m (log2 units)
     and sum l, for the wrapper's log-sum-exp merge (:func:`merge_splits`)."""
     q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
-        refs, k_tq4, v_tq4, rot_q, post, has_mask)
+        refs, k_tq4, v_tq4, rot_q, post, has_mask, paged)
     bm, bn = cfg.block_m, cfg.block_n
     n_rows = group * sq
     rb = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
@@ -124,10 +153,25 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in q_refs[1:])
         q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
 
+    seq_len = sk  # static for contiguous K/V; read per sequence from a paged cache
+    if paged is None:
+        k_tile = partial(_decode_tile, k_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=k_lut)
+        v_tile = partial(_decode_tile, v_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=v_lut)
+    else:
+        cache_ref, bt_ref, lens_ref, k_bits = k_refs
+        seq, head = pl.program_id(1) // paged.num_kv_heads, pl.program_id(1) % paged.num_kv_heads
+        seq_len = jnp.clip(lens_ref[seq], 0, sk)  # sk = the block table's capacity
+        lay, hb = paged.layout, head * (d // 2)
+        tile = partial(_paged_tile, paged, cache_ref, bt_ref, bcols=bcols, bc_ok=bc_ok, dt=dt)
+        k_tile = partial(tile, k_bits, lay.k_codes + hb, lay.k_norms + NORM_BYTES * head,
+                         lut=k_lut)
+        v_tile = partial(tile, v_refs[0], lay.v_codes + hb, lay.v_norms + NORM_BYTES * head,
+                         lut=v_lut)
+
     # Key range of this program, and the prefix of whole blocks that needs no masking.
     split_len = pl.cdiv(pl.cdiv(sk, cfg.splits), bn) * bn
     k_start = pl.program_id(2) * split_len
-    k_stop = jnp.minimum(k_start + split_len, sk)
+    k_stop = jnp.minimum(k_start + split_len, seq_len)
     hi = safe = k_stop
     if causal:
         last_pos = (jnp.minimum(rb * bm + bm, n_rows) - 1) // group
@@ -141,7 +185,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         kmask = k_ok if masked else None
         if k_tq4:
-            k, k_norm = _decode_tile(k_refs, k_pos, kmask, bcols, bc_ok, dt, k_lut)
+            k, k_norm = k_tile(k_pos, kmask)
             s = dot(q, k.T) * (k_norm * scale_log2)[None, :]
         else:
             s = dot(q, load_tile(k_refs[0], k_pos, kmask, cols, c_ok).T) * scale_log2
@@ -158,7 +202,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         if v_tq4:
-            v, v_norm = _decode_tile(v_refs, k_pos, kmask, bcols, bc_ok, dt, v_lut)
+            v, v_norm = v_tile(k_pos, kmask)
             p = p * v_norm[None, :]
         else:
             v = load_tile(v_refs[0], k_pos, kmask, cols, c_ok)
@@ -309,17 +353,23 @@ def _rotation_parts(rotation: jnp.ndarray, dtype: Any) -> tuple[jnp.ndarray, ...
     return (*split16(rotation.T, dtype), *split16(rotation, dtype), rotation)
 
 
-def _codes_parts(packed, norms, centroids, raw_centroids, dtype) -> tuple[tuple, Any]:
-    """Kernel inputs of one compressed operand, and its static LUT: the codebook's bit
-    patterns when ``raw_centroids`` (the caller's argument) is concrete - a numpy or
-    committed jax array, also when closed over by a jit-ed caller - and kernels are compiled;
-    None otherwise (the kernel then gathers from the bits table)."""
+def _codebook_parts(centroids, raw_centroids, dtype) -> tuple[jnp.ndarray, Any]:
+    """A codebook's kernel table (:func:`codebook_bits`) and its static LUT: the bit patterns
+    when ``raw_centroids`` (the caller's argument) is concrete - a numpy or committed jax
+    array, also when closed over by a jit-ed caller - and kernels are compiled; None
+    otherwise (the kernel then gathers from the table)."""
     bits = codebook_bits(pad_codebook(centroids), dtype)
     lut = None
     if not kernel_mode().interpret and not isinstance(raw_centroids, jax.core.Tracer):
         c = np.zeros(CODEBOOK_SLOTS, np.float32)
         c[:np.size(raw_centroids)] = np.asarray(raw_centroids, np.float32).ravel()
         lut = tuple(int(x) for x in c.astype(dtype).view(np.uint16))
+    return bits, lut
+
+
+def _codes_parts(packed, norms, centroids, raw_centroids, dtype) -> tuple[tuple, Any]:
+    """Kernel inputs (codes, norms, codebook table) of one compressed operand, and its LUT."""
+    bits, lut = _codebook_parts(centroids, raw_centroids, dtype)
     return (packed, norms, bits), lut
 
 

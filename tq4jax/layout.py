@@ -5,6 +5,8 @@ One source of truth: kernels, reference paths and tests import these.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 #: ``u = x / (||x|| + NORM_EPS)`` before rotating (turboquant-vllm's epsilon).
@@ -43,3 +45,24 @@ def pad_codebook(centroids: jnp.ndarray) -> jnp.ndarray:
     """Centroids float32 [n] -> [CODEBOOK_SLOTS], zero-padded (garbage codes decode to 0)."""
     c = jnp.asarray(centroids, jnp.float32)
     return jnp.pad(c, (0, CODEBOOK_SLOTS - c.shape[0]))
+
+
+class PagedLayout(NamedTuple):
+    """Byte offsets inside one token row of a paged TQ4 cache (LAYOUTS.md A2) and its size.
+
+    Head h's K codes start at ``k_codes + h * D/2``, its K norm (float32, little-endian) at
+    ``k_norms + 4 * h``; V likewise. A cache row may be wider (``total_bytes >= row_bytes``).
+    """
+    k_codes: int
+    k_norms: int
+    v_codes: int
+    v_norms: int
+    row_bytes: int
+
+
+def paged_layout(num_kv_heads: int, head_dim: int) -> PagedLayout:
+    """Offsets of one token row for ``num_kv_heads`` heads of ``head_dim`` (D + 8 bytes per
+    head: 272 bytes at 2 heads x D=128)."""
+    codes = num_kv_heads * head_dim // 2
+    norms = num_kv_heads * NORM_BYTES
+    return PagedLayout(0, codes, codes + norms, 2 * codes + norms, 2 * (codes + norms))

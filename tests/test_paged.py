@@ -1,0 +1,197 @@
+"""Paged TQ4 cache: write -> decode round trips, the shared vectors, holes and garbage."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tq4jax as tq
+from helpers import rel_l2
+from test_attention import deq, oracle
+from tq4jax.testing import lower_to_triton
+
+IMPLS = ["reference", "pallas"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vectors(vectors, impl):
+    v = vectors("paged_decode_0")
+    kw = dict(num_kv_heads=int(v["num_kv_heads"]), head_dim=int(v["head_dim"]),
+              block_size=int(v["block_size"]))
+    o = tq.paged_decode(v["q"], v["kv_cache"], v["block_table"], v["seq_lens"], v["centroids"],
+                        v["rotation"], **kw, impl=impl)
+    assert o.shape == v["q"].shape and o.dtype == jnp.float16
+    assert rel_l2(o, v["out"]) < 1e-2
+
+
+def test_layout():
+    lay = tq.paged_layout(2, 128)
+    assert lay == (0, 128, 136, 264, 272) and lay.row_bytes == 2 * 2 * tq.bytes_per_token_head(128)
+    assert tq.paged_layout(8, 96).row_bytes == 8 * (96 + 8)
+
+
+def _setup(rng, lens, hq, hkv, d, bs, dtype, total_bytes=None, v_bits=4):
+    """A garbage-filled cache with the tokens of ``lens`` sequences written through
+    paged_write at shuffled blocks (holes between them); returns everything a test needs."""
+    lay = tq.paged_layout(hkv, d)
+    max_blocks = max(1, max(-(-n // bs) for n in lens) + 1)
+    n_blocks = sum(-(-n // bs) for n in lens) + 5
+    tb = total_bytes or lay.row_bytes
+    cache = jnp.asarray(rng.integers(0, 256, (n_blocks, bs, tb)), jnp.uint8)
+    perm = rng.permutation(n_blocks)
+    table = rng.integers(-(1 << 20), 1 << 20, (len(lens), max_blocks)).astype(np.int32)  # garbage
+    keys, vals, slots, used = [], [], [], 0
+    for s, n in enumerate(lens):
+        nb = -(-n // bs)
+        table[s, :nb] = perm[used:used + nb]
+        used += nb
+        k = rng.standard_normal((n, hkv, d)) * rng.uniform(0.5, 3)
+        keys.append(k)
+        vals.append(rng.standard_normal((n, hkv, d)))
+        t = np.arange(n)
+        slots.append(table[s, t // bs] * bs + t % bs)
+    rot = tq.haar_rotation(d, seed=int(rng.integers(1 << 30)))
+    cent, bnd = tq.lloyd_max(d, 4)
+    vc, vb = tq.lloyd_max(d, v_bits)
+    key = jnp.asarray(np.concatenate(keys), dtype)
+    val = jnp.asarray(np.concatenate(vals), dtype)
+    slot = np.concatenate(slots).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((len(lens), hq, d)), dtype)
+    return dict(cache=cache, key=key, val=val, slot=slot, table=jnp.asarray(table),
+                lens=jnp.asarray(lens, jnp.int32), q=q, rot=rot, cent=cent, bnd=bnd, vc=vc, vb=vb,
+                kw=dict(num_kv_heads=hkv, head_dim=d, block_size=bs))
+
+
+CASES = [  # lens, hq, hkv, d, block_size, dtype
+    ([5, 0, 33, 16], 8, 2, 128, 16, jnp.float16),
+    ([70, 1], 4, 1, 64, 32, jnp.bfloat16),
+    ([19, 40], 7, 1, 96, 16, jnp.float16),
+    ([9], 2, 2, 256, 16, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}seq-d{c[3]}-bs{c[4]}")
+def test_write_then_decode(rng, case):
+    lens, hq, hkv, d, bs, dtype = case
+    t = _setup(rng, lens, hq, hkv, d, bs, dtype, v_bits=3)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"],
+                           t["vb"], impl="pallas")
+    ref_cache = tq.paged_write_reference(t["cache"], t["key"], t["val"], t["slot"], t["rot"],
+                                         t["bnd"], t["vb"])
+    assert (np.asarray(cache) != np.asarray(ref_cache)).mean() < 1e-3  # float32 rounding ties
+    scale = 1 / np.sqrt(d)
+    start = np.concatenate([[0], np.cumsum(lens)])
+    outs = {impl: np.asarray(tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"],
+                                             t["rot"], **t["kw"], v_centroids=t["vc"],
+                                             impl=impl), np.float32) for impl in IMPLS}
+    for s, n in enumerate(lens):
+        if n == 0:
+            for o in outs.values():
+                np.testing.assert_array_equal(o[s], 0.0)
+            continue
+        kp, kn = tq.compress(t["key"][start[s]:start[s + 1]], t["rot"], t["bnd"], impl="reference")
+        vp, vn = tq.compress(t["val"][start[s]:start[s + 1]], t["rot"], t["vb"], impl="reference")
+        to_bhsd = lambda x: jnp.swapaxes(x, 0, 1)[None]  # noqa: E731  [n, H, ...] -> [1, H, n, ...]
+        kp, kn, vp, vn = map(to_bhsd, (kp, kn, vp, vn))
+        want = oracle(t["q"][s][None, :, None], deq(kp, kn, t["cent"], t["rot"]),
+                      deq(vp, vn, t["vc"], t["rot"]), scale, False)[0, :, 0]
+        contiguous = tq.flash_attention_tq4_kv(t["q"][s][None, :, None], kp, kn, vp, vn, t["cent"],
+                                               t["rot"], v_centroids=t["vc"], impl="pallas")
+        tol = 1e-2 if dtype == jnp.float16 else 2e-2
+        for impl, o in outs.items():
+            assert rel_l2(o[s], want) < tol, (impl, s)
+        assert rel_l2(outs["pallas"][s], np.asarray(contiguous, np.float32)[0, :, 0]) < tol
+
+
+def test_write_keeps_padding_and_skips_negative_slots(rng):
+    t = _setup(rng, [20], 4, 2, 64, 16, jnp.float16, total_bytes=256)
+    lay = tq.paged_layout(2, 64)
+    slot = t["slot"].copy()
+    slot[3] = -1
+    cache = np.asarray(tq.paged_write(t["cache"], t["key"], t["val"], slot, t["rot"], t["bnd"],
+                                      impl="pallas"))
+    before = np.asarray(t["cache"]).reshape(-1, 256)
+    after = cache.reshape(-1, 256)
+    np.testing.assert_array_equal(after[:, lay.row_bytes:], before[:, lay.row_bytes:])
+    untouched = np.setdiff1d(np.arange(after.shape[0]), slot[slot >= 0])
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    kp, kn = tq.compress(t["key"], t["rot"], t["bnd"], impl="pallas")
+    row = after[slot[5]]
+    np.testing.assert_array_equal(row[lay.k_codes:lay.k_norms], np.asarray(kp[5]).ravel())
+    np.testing.assert_array_equal(row[lay.k_norms:lay.v_codes].view(np.float32), np.asarray(kn[5]))
+
+
+def test_decode_many_splits(rng, monkeypatch):
+    """Long sequences split across programs (some splits empty), merged by log-sum-exp."""
+    import tq4jax.attention as att
+    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(att, "NUM_SMS", 64)
+    t = _setup(rng, [150, 3, 64], 4, 2, 64, 16, jnp.float16)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
+    assert att.choose_config(3, 2, 2, t["table"].shape[1] * 16, 64, compressed=True).splits > 3
+    got = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
+                          impl="pallas")
+    want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
+                           impl="reference")
+    assert rel_l2(got, want) < 1e-2
+
+
+def test_jit_and_donated_write(rng):
+    t = _setup(rng, [7, 30], 4, 2, 64, 16, jnp.float16)
+    write = jax.jit(lambda c, k, v, s: tq.paged_write(c, k, v, s, t["rot"], t["bnd"]),
+                    donate_argnums=0)
+    cache = write(jnp.array(t["cache"]), t["key"], t["val"], t["slot"])
+    dec = jax.jit(lambda q, c, bt, ln: tq.paged_decode(q, c, bt, ln, t["cent"], t["rot"],
+                                                       **t["kw"], impl="pallas"))
+    want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
+                           impl="reference")
+    assert rel_l2(dec(t["q"], cache, t["table"], t["lens"]), want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_donated_write_is_in_place(rng):
+    t = _setup(rng, [7, 30], 4, 2, 64, 16, jnp.float16)
+    write = jax.jit(lambda c, k, v, s: tq.paged_write(c, k, v, s, t["rot"], t["bnd"]),
+                    donate_argnums=0)
+    cache = jnp.array(t["cache"])
+    ptr = cache.unsafe_buffer_pointer()
+    assert write(cache, t["key"], t["val"], t["slot"]).unsafe_buffer_pointer() == ptr
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_decode_lowers_to_triton(d):
+    s = jax.ShapeDtypeStruct
+    args = (s((3, 8, d), jnp.float16), s((40, 16, 2 * (d + 8)), jnp.uint8),
+            s((3, 64), jnp.int32), s((3,), jnp.int32))
+    cent, rot = tq.lloyd_max(d, 4)[0], tq.haar_rotation(d)
+    kw = dict(num_kv_heads=2, head_dim=d, block_size=16, impl="pallas")
+    text = lower_to_triton(lambda q, c, b, n: tq.paged_decode(q, c, b, n, cent, rot, **kw), *args)
+    assert "__gpu$xla.gpu.triton" in text and "prmt.b32" in text
+    text = lower_to_triton(lambda q, c, b, n, ce: tq.paged_decode(q, c, b, n, ce, rot, **kw),
+                           *args, s((16,), jnp.float32))
+    assert "__gpu$xla.gpu.triton" in text
+
+
+def test_bad_input():
+    q = jnp.ones((2, 4, 64), jnp.float16)
+    cache = jnp.zeros((4, 16, 144), jnp.uint8)
+    bt, ln = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
+    cent, bnd = tq.lloyd_max(64, 4)
+    rot = tq.haar_rotation(64)
+    kw = dict(num_kv_heads=2, head_dim=64, block_size=16)
+    tq.paged_decode(q, cache, bt, ln, cent, rot, **kw, impl="reference")  # valid
+    with pytest.raises(TypeError, match="kv_cache must have dtype"):
+        tq.paged_decode(q, cache.astype(jnp.int8), bt, ln, cent, rot, **kw)
+    with pytest.raises(ValueError, match=r"kv_cache must have shape \[num_blocks, 16, >= 144\]"):
+        tq.paged_decode(q, cache[..., :100], bt, ln, cent, rot, **kw)
+    with pytest.raises(ValueError, match="block_table must have shape"):
+        tq.paged_decode(q, cache, bt[0], ln, cent, rot, **kw)
+    with pytest.raises(TypeError, match="seq_lens must have dtype"):
+        tq.paged_decode(q, cache, bt, ln.astype(jnp.float32), cent, rot, **kw)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tq.paged_decode(q, cache, bt, ln, cent, rot, num_kv_heads=3, head_dim=64, block_size=16)
+    k = jnp.ones((5, 2, 64), jnp.float16)
+    with pytest.raises(ValueError, match="kv_cache rows must hold at least 144"):
+        tq.paged_write(cache[..., :100], k, k, jnp.arange(5, dtype=jnp.int32), rot, bnd)
+    with pytest.raises(ValueError, match=r"slot_mapping must have shape \(5,\)"):
+        tq.paged_write(cache, k, k, jnp.arange(4, dtype=jnp.int32), rot, bnd)

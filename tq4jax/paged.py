@@ -1,0 +1,269 @@
+"""Paged TQ4 cache (turboquant-vllm layout, LAYOUTS.md A2): paged_write, paged_decode.
+
+``kv_cache [num_blocks, block_size, total_bytes] uint8``: token t of sequence s lives in block
+``block_table[s, t // block_size]``, row ``t % block_size``; one row holds every KV head's K
+codes, K norms, V codes, V norms at the offsets of :func:`paged_layout`.
+
+* ``paged_write`` compresses new tokens with the codec kernel and scatters their rows (XLA
+  scatter: in place when the caller donates the cache under jit).
+* ``paged_decode`` runs the attention kernel of :mod:`tq4jax.attention` with a paged K/V
+  source: one program per (sequence, KV head, KV split) serving all query heads of the group,
+  block ids read from the block table inside the kernel, lanes past ``seq_lens`` masked (they
+  read neither the block table nor the cache), splits merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _checks as ck
+from ._config import kernel_mode, pallas_call, resolve_impl
+from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts, _rotation_parts, attention_reference, choose_config,
+                        merge_splits)
+from .codec import compress, dequantize_reference
+from .layout import NORM_BYTES, PagedLayout, paged_layout
+
+__all__ = ["paged_layout", "paged_write", "paged_write_reference", "paged_decode",
+           "paged_decode_reference", "PagedLayout"]
+
+
+# ----------------------------------------------------------------------------------------------
+# write
+# ----------------------------------------------------------------------------------------------
+
+def _token_rows(k_packed, k_norms, v_packed, v_norms) -> jnp.ndarray:
+    """Codes [N, H, D/2] uint8 and norms [N, H] f32 of K and V -> cache rows [N, row_bytes]."""
+    n = k_packed.shape[0]
+    as_bytes = lambda x: lax.bitcast_convert_type(x, jnp.uint8).reshape(n, -1)  # noqa: E731
+    return jnp.concatenate([k_packed.reshape(n, -1), as_bytes(k_norms),
+                            v_packed.reshape(n, -1), as_bytes(v_norms)], axis=1)
+
+
+def _scatter_rows(kv_cache: jnp.ndarray, rows: jnp.ndarray, slot_mapping: jnp.ndarray):
+    """Write ``rows`` [N, row_bytes] into the first row_bytes of cache rows ``slot_mapping``;
+    negative (or out-of-range) slots are dropped, padding bytes are kept."""
+    nb, bs, tb = kv_cache.shape
+    flat = kv_cache.reshape(nb * bs, tb)
+    slots = jnp.where(slot_mapping < 0, nb * bs, slot_mapping)  # negative would wrap around
+    flat = flat.at[slots, :rows.shape[1]].set(rows, mode="drop")
+    return flat.reshape(nb, bs, tb)
+
+
+def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries):
+    kv_cache = ck.as_array("kv_cache", kv_cache)
+    ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
+    ck.check_ndim("kv_cache", kv_cache, 3, "[num_blocks, block_size, total_bytes]")
+    key, value = ck.as_array("key", key), ck.as_array("value", value)
+    ck.check_float("key", key)
+    ck.check_ndim("key", key, 3, "[num_tokens, num_kv_heads, head_dim]")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+    n, h, d = key.shape
+    ck.check_head_dim("key", d)
+    lay = paged_layout(h, d)
+    if kv_cache.shape[2] < lay.row_bytes:
+        raise ValueError(f"kv_cache rows must hold at least {lay.row_bytes} bytes for {h} KV "
+                         f"heads x head_dim {d}, got total_bytes {kv_cache.shape[2]}")
+    slot_mapping = ck.as_array("slot_mapping", slot_mapping)
+    ck.check_dtype("slot_mapping", slot_mapping, [jnp.int32, jnp.int64])
+    if slot_mapping.shape != (n,):
+        raise ValueError(f"slot_mapping must have shape ({n},), got {tuple(slot_mapping.shape)}")
+    rotation = ck.check_rotation(rotation, d)
+    k_boundaries = ck.check_boundaries(k_boundaries, "k_boundaries")
+    v_boundaries = (k_boundaries if v_boundaries is None
+                    else ck.check_boundaries(v_boundaries, "v_boundaries"))
+    return kv_cache, key, value, slot_mapping.astype(jnp.int32), rotation, k_boundaries, v_boundaries
+
+
+def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation: Any,
+                k_boundaries: Any, v_boundaries: Any = None, *, impl: str = "auto") -> jnp.ndarray:
+    """Compress new tokens and store them in a paged TQ4 cache; returns the updated cache.
+
+    kv_cache [num_blocks, block_size, total_bytes] uint8; key/value [N, H_KV, D] float;
+    slot_mapping [N] int32 (``block * block_size + row``, negative = skip); boundaries from
+    :func:`tq4jax.lloyd_max` (``v_boundaries`` for a different V codebook). Bytes past the
+    layout's ``row_bytes`` are left untouched. Two tokens with the same slot: one of them wins.
+    """
+    kv_cache, key, value, slots, rotation, kb, vb = _check_write(
+        kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries)
+    if key.shape[0] == 0:
+        return kv_cache
+    kp, kn = compress(key, rotation, kb, impl=impl)
+    vp, vn = compress(value, rotation, vb, impl=impl)
+    return _scatter_rows(kv_cache, _token_rows(kp, kn, vp, vn), slots)
+
+
+def paged_write_reference(kv_cache, key, value, slot_mapping, rotation, k_boundaries,
+                          v_boundaries=None):
+    """:func:`paged_write` through the pure-jnp compress."""
+    return paged_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries,
+                       impl="reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------
+
+def _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads, head_dim):
+    """Reference gather: codes [S, H, T, D/2] and norms [S, H, T] of K and V for positions
+    T = max_blocks * block_size, and the validity mask [S, T]. Invalid positions read row 0."""
+    nb, bs, tb = kv_cache.shape
+    s, mb = block_table.shape
+    lay = paged_layout(num_kv_heads, head_dim)
+    t = jnp.arange(mb * bs)
+    valid = t[None, :] < jnp.clip(seq_lens, 0, mb * bs)[:, None]
+    blk = jnp.clip(jnp.take_along_axis(block_table, (t // bs)[None, :].repeat(s, 0), axis=1),
+                   0, nb - 1)
+    rows = jnp.where(valid, blk * bs + t % bs, 0)
+    data = kv_cache.reshape(nb * bs, tb)[rows]  # [S, T, total_bytes]
+    hd = head_dim // 2
+
+    def part(codes_at, norms_at):
+        codes = data[..., codes_at:codes_at + num_kv_heads * hd].reshape(s, mb * bs, num_kv_heads, hd)
+        nbytes = data[..., norms_at:norms_at + NORM_BYTES * num_kv_heads]
+        norms = lax.bitcast_convert_type(nbytes.reshape(s, mb * bs, num_kv_heads, NORM_BYTES),
+                                         jnp.float32)
+        return jnp.swapaxes(codes, 1, 2), jnp.swapaxes(norms, 1, 2)
+
+    return part(lay.k_codes, lay.k_norms), part(lay.v_codes, lay.v_norms), valid
+
+
+def paged_decode_reference(q, kv_cache, block_table, seq_lens, centroids, rotation, *,
+                           num_kv_heads: int, head_dim: int, block_size: int,
+                           sm_scale: float | None = None, v_centroids=None) -> jnp.ndarray:
+    """Pure-jnp paged decode: gather, dequantize, float32 attention with length masking.
+    Returns float32 [S, H_Q, D]; sequences of length 0 give zeros."""
+    (kp, kn), (vp, vn), valid = _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads,
+                                                  head_dim)
+    k = dequantize_reference(kp, kn, centroids, rotation, jnp.float32)
+    v = dequantize_reference(vp, vn, centroids if v_centroids is None else v_centroids,
+                             rotation, jnp.float32)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    mask = jnp.where(valid, 0.0, -jnp.inf)[:, None, None, :]  # [S, 1, 1, T]
+    return attention_reference(q[:, :, None, :], k, v, scale, False, mask)[:, :, 0, :]
+
+
+@partial(jax.jit, static_argnames=("paged", "k_lut", "v_lut", "scale", "cfg", "mode"))
+def _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits, rot, *, paged, k_lut,
+                  v_lut, scale, cfg, mode):
+    """q [S, H_Q, D] -> [S, H_Q, D] in q's dtype (see :func:`paged_decode`)."""
+    s, hq, d = q.shape
+    hkv, bs = paged.num_kv_heads, paged.block_size
+    group, splits = hq // hkv, cfg.splits
+    max_len = block_table.shape[1] * bs
+    in_kernel = d <= ROTATE_IN_KERNEL_MAX_D
+    if not in_kernel:
+        q = jnp.matmul(q.astype(jnp.float32), rot[4].T,
+                       precision=lax.Precision.HIGHEST).astype(q.dtype)
+    q_view = q.reshape(s, hkv, group, d)
+    flat = kv_cache.reshape(-1, kv_cache.shape[2])
+
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda r, i, sp: (0,) * x.ndim)
+
+    def head_spec(x):  # [S, HKV, ...] blocked per (sequence, KV head)
+        zeros = (0,) * (x.ndim - 2)
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda r, i, sp: (i // hkv, i % hkv) + zeros)
+
+    row_spec = pl.BlockSpec((None, block_table.shape[1]), lambda r, i, sp: (i // hkv, 0))
+    pairs = [(q_view, head_spec(q_view))]
+    pairs += [(x, whole(x)) for x in (rot[:2] if in_kernel else ())]
+    pairs += [(flat, whole(flat)), (block_table, row_spec), (seq_lens, whole(seq_lens)),
+              (k_bits, whole(k_bits)), (v_bits, whole(v_bits))]
+    pairs += [(x, whole(x)) for x in (rot[2:4] if in_kernel else ())]
+    args, in_specs = [a for a, _ in pairs], [sp for _, sp in pairs]
+    if splits == 1:
+        out_shape = (jax.ShapeDtypeStruct((s, hkv, group, d), jnp.float32),)
+        out_specs = (head_spec(out_shape[0]),)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((s, hkv, splits, group, d), jnp.float32),
+                     jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32),
+                     jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32))
+        out_specs = tuple(pl.BlockSpec((None, None, None) + o.shape[3:], lambda r, i, sp, n=o.ndim: (
+            i // hkv, i % hkv, sp) + (0,) * (n - 3)) for o in out_shape)
+    kernel = partial(_attn_kernel, k_tq4=True, v_tq4=True, rot_q=in_kernel, post=in_kernel,
+                     k_lut=k_lut, v_lut=v_lut, has_mask=False, mask_heads=False, causal=False,
+                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=1, sk=max_len, d=d,
+                     paged=paged)
+    outs = pallas_call(kernel, mode=mode, grid=(1, s * hkv, splits), out_shape=out_shape,
+                       in_specs=in_specs, out_specs=out_specs, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)(*args)
+    out = outs[0] if splits == 1 else merge_splits(*outs)
+    out = out.reshape(s, hq, d)
+    if not in_kernel:
+        out = jnp.matmul(out, rot[4], precision=lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
+
+
+def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size):
+    q = ck.as_array("q", q)
+    ck.check_dtype("q", q, [jnp.float16, jnp.bfloat16])
+    ck.check_ndim("q", q, 3, "[num_seqs, heads_q, head_dim]")
+    s, hq, d = q.shape
+    if d != head_dim:
+        raise ValueError(f"q must have head_dim {head_dim} as its last axis, got {tuple(q.shape)}")
+    ck.check_head_dim("q", d)
+    if num_kv_heads < 1 or hq % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide heads_q ({hq})")
+    kv_cache = ck.as_array("kv_cache", kv_cache)
+    ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
+    lay = paged_layout(num_kv_heads, head_dim)
+    if kv_cache.ndim != 3 or kv_cache.shape[1] != block_size or kv_cache.shape[2] < lay.row_bytes:
+        raise ValueError(f"kv_cache must have shape [num_blocks, {block_size}, >= {lay.row_bytes}]"
+                         f" for block_size {block_size}, {num_kv_heads} KV heads x head_dim "
+                         f"{head_dim}, got {tuple(kv_cache.shape)}")
+    block_table = ck.as_array("block_table", block_table)
+    ck.check_dtype("block_table", block_table, [jnp.int32])
+    if block_table.ndim != 2 or block_table.shape[0] != s or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape [{s}, max_blocks], got "
+                         f"{tuple(block_table.shape)}")
+    seq_lens = ck.as_array("seq_lens", seq_lens)
+    ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
+    if seq_lens.shape != (s,):
+        raise ValueError(f"seq_lens must have shape ({s},), got {tuple(seq_lens.shape)}")
+    return q, kv_cache, block_table, seq_lens
+
+
+def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroids: Any,
+                 rotation: Any, *, num_kv_heads: int, head_dim: int, block_size: int,
+                 sm_scale: float | None = None, v_centroids: Any = None,
+                 impl: str = "auto") -> jnp.ndarray:
+    """One query per sequence against a paged TQ4 cache.
+
+    q [S, H_Q, D] fp16/bf16 (the query of each sequence's last position); kv_cache
+    [num_blocks, block_size, >= H_KV*(D+8)] uint8; block_table [S, max_blocks] int32;
+    seq_lens [S] int32 (0 gives zeros; clipped to max_blocks * block_size). Returns q's shape
+    and dtype.
+    """
+    q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
+                                                       num_kv_heads, head_dim, block_size)
+    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
+    centroids = ck.check_centroids(centroids)
+    v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
+                                                                           "v_centroids")
+    rotation = ck.check_rotation(rotation, head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if q.shape[0] == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    if resolve_impl(impl) == "reference":
+        return paged_decode_reference(q, kv_cache, block_table, seq_lens, centroids, rotation,
+                                      num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                      block_size=block_size, sm_scale=scale,
+                                      v_centroids=v_centroids).astype(q.dtype)
+    k_bits, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
+    v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
+    s, hq, d = q.shape
+    cfg = choose_config(s, num_kv_heads, hq // num_kv_heads, block_table.shape[1] * block_size,
+                        d, compressed=True)
+    paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
+    return _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits,
+                         _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
+                         v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
+
