@@ -1,0 +1,106 @@
+"""Paged TQ4 decode (turboquant-vllm layout): B in {1, 8, 32} x context 1K/8K/32K, 32/8 heads,
+D=128, block 16, beside torch SDPA fp16 on dense K/V (when torch is importable), jax cuDNN on
+dense K/V, and the original ``fused_paged_tq4_decode`` on the same cache bytes (when
+turboquant-vllm is installed). Prints GB/s on the compressed bytes read and the ratio to the
+copy bandwidth measured in the same run.
+
+    PYTHONPATH=. python3 bench/paged.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tq4jax as tq  # noqa: E402
+from _timing import copy_bandwidth_gbs, device_line, time_ms  # noqa: E402
+from attention import torch_ms  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def make_case(b: int, ctx: int):
+    """A cache holding b sequences of ctx tokens in shuffled blocks, written by paged_write."""
+    key = jax.random.PRNGKey(b * 100003 + ctx)
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    per_seq = ctx // BS
+    n_blocks = b * per_seq
+    table = jax.random.permutation(kp, n_blocks).astype(jnp.int32).reshape(b, per_seq)
+    k = jax.random.normal(kk, (b * ctx, HKV, D), jnp.float16)
+    v = jax.random.normal(kv, (b * ctx, HKV, D), jnp.float16)
+    t = jnp.arange(ctx)
+    slots = (table[:, t // BS] * BS + t % BS).reshape(-1)
+    rot = tq.haar_rotation(D)
+    cent, bnd = tq.lloyd_max(D, 4)
+    lay = tq.paged_layout(HKV, D)
+    cache = jnp.zeros((n_blocks, BS, lay.row_bytes), jnp.uint8)
+    cache = jax.jit(lambda c, k, v, s: tq.paged_write(c, k, v, s, rot, bnd))(cache, k, v, slots)
+    q = jax.random.normal(kq, (b, HQ, D), jnp.float16)
+    lens = jnp.full((b,), ctx, jnp.int32)
+    dense = lambda x: x.reshape(b, ctx, HKV, D)  # noqa: E731  BTNH
+    return q, cache, table, lens, cent, rot, dense(k), dense(v)
+
+
+def run(b: int, ctx: int) -> dict[str, float]:
+    q, cache, table, lens, cent, rot, k, v = make_case(b, ctx)
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    res = {"tq4jax paged_decode": time_ms(jax.jit(
+        lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **kw)), q, cache, table, lens)}
+    try:
+        res["jax cudnn fp16"] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q[:, None], k, v, implementation="cudnn")), q, k, v)
+    except Exception as e:  # noqa: BLE001
+        print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return res
+    t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
+    tq_, tk, tv = t(q)[:, :, None], t(k).transpose(1, 2), t(v).transpose(1, 2)
+    res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
+        tq_, tk, tv, enable_gqa=True))
+    try:
+        from turboquant_vllm.triton.fused_paged_tq4_attention import fused_paged_tq4_decode
+    except ImportError:
+        return res
+    args = (t(q), t(cache), t(table), t(lens), t(cent), t(rot))
+    res["original fused_paged_tq4_decode"] = torch_ms(lambda: fused_paged_tq4_decode(
+        *args, HKV, D, BS))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    copy = copy_bandwidth_gbs()
+    print(f"# paged decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}; "
+          f"copy bandwidth {copy:.0f} GB/s")
+    rows = []
+    for b in ((8,) if a.quick else (1, 8, 32)):
+        for ctx in ((1024, 8192) if a.quick else (1024, 8192, 32768)):
+            rows.append((b, ctx, run(b, ctx)))
+    names = sorted({n for _, _, r in rows for n in r})
+    print("\n| B | context | " + " | ".join(names)
+          + " | TQ4 GB/s | of copy | SDPA / tq4jax | original / tq4jax |")
+    print("|---" * (len(names) + 6) + "|")
+    for b, ctx, r in rows:
+        ms = r["tq4jax paged_decode"]
+        gbs = 2 * b * HKV * ctx * tq.bytes_per_token_head(D) / (ms * 1e-3) / 1e9
+        sd = r.get("torch SDPA fp16", float("nan")) / ms
+        orig = r.get("original fused_paged_tq4_decode", float("nan")) / ms
+        print(f"| {b} | {ctx} | " + " | ".join(f"{r[n]:.3f}" if n in r else "-" for n in names)
+              + f" | {gbs:.0f} | {gbs / copy:.0%} | {sd:.2f}x | {orig:.1f}x |")
+    print("\nms, median; TQ4 GB/s counts the compressed K/V bytes read once (136 per token per "
+          "KV head)")
+
+
+if __name__ == "__main__":
+    main()
