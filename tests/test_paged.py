@@ -62,6 +62,22 @@ def _setup(rng, lens, hq, hkv, d, bs, dtype, total_bytes=None, v_bits=4):
                 kw=dict(num_kv_heads=hkv, head_dim=d, block_size=bs))
 
 
+def _assert_rows_match(cache, ref_cache, slots, lay):
+    """Kernel-written rows vs reference-written rows: codes equal except float32 ties (< 0.1%),
+    norms equal to float32 rounding; every other byte identical."""
+    a = np.asarray(cache).reshape(-1, cache.shape[-1])
+    b = np.asarray(ref_cache).reshape(-1, cache.shape[-1])
+    other = np.setdiff1d(np.arange(a.shape[0]), slots)
+    np.testing.assert_array_equal(a[other], b[other])
+    a, b = a[slots], b[slots]
+    for codes, norms in ((slice(lay.k_codes, lay.k_norms), slice(lay.k_norms, lay.v_codes)),
+                         (slice(lay.v_codes, lay.v_norms), slice(lay.v_norms, lay.row_bytes))):
+        assert (a[:, codes] != b[:, codes]).mean() < 1e-3
+        np.testing.assert_allclose(a[:, norms].copy().view(np.float32),
+                                   b[:, norms].copy().view(np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(a[:, lay.row_bytes:], b[:, lay.row_bytes:])
+
+
 CASES = [  # lens, hq, hkv, d, block_size, dtype
     ([5, 0, 33, 16], 8, 2, 128, 16, jnp.float16),
     ([70, 1], 4, 1, 64, 32, jnp.bfloat16),
@@ -78,7 +94,7 @@ def test_write_then_decode(rng, case):
                            t["vb"], impl="pallas")
     ref_cache = tq.paged_write_reference(t["cache"], t["key"], t["val"], t["slot"], t["rot"],
                                          t["bnd"], t["vb"])
-    assert (np.asarray(cache) != np.asarray(ref_cache)).mean() < 1e-3  # float32 rounding ties
+    _assert_rows_match(cache, ref_cache, t["slot"], tq.paged_layout(hkv, d))
     scale = 1 / np.sqrt(d)
     start = np.concatenate([[0], np.cumsum(lens)])
     outs = {impl: np.asarray(tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"],

@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import kernel_mode, pallas_call, resolve_impl
-from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts, _rotation_parts, attention_reference, choose_config,
+from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts,
+                        _split_spec, _rotation_parts, attention_reference, choose_config,
                         merge_splits)
 from .codec import compress, dequantize_reference
 from .layout import NORM_BYTES, PagedLayout, paged_layout
@@ -186,8 +187,8 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits, rot, *, pa
         out_shape = (jax.ShapeDtypeStruct((s, hkv, splits, group, d), jnp.float32),
                      jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32),
                      jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32))
-        out_specs = tuple(pl.BlockSpec((None, None, None) + o.shape[3:], lambda r, i, sp, n=o.ndim: (
-            i // hkv, i % hkv, sp) + (0,) * (n - 3)) for o in out_shape)
+        out_specs = tuple(_split_spec(o.shape, lambda r, i, sp: (i // hkv, i % hkv))
+                          for o in out_shape)
     kernel = partial(_attn_kernel, k_tq4=True, v_tq4=True, rot_q=in_kernel, post=in_kernel,
                      k_lut=k_lut, v_lut=v_lut, has_mask=False, mask_heads=False, causal=False,
                      scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=1, sk=max_len, d=d,
