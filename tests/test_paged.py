@@ -211,3 +211,16 @@ def test_bad_input():
         tq.paged_write(cache[..., :100], k, k, jnp.arange(5, dtype=jnp.int32), rot, bnd)
     with pytest.raises(ValueError, match=r"slot_mapping must have shape \(5,\)"):
         tq.paged_write(cache, k, k, jnp.arange(4, dtype=jnp.int32), rot, bnd)
+
+
+def test_cache_over_2gib_is_refused():
+    """The kernel's offsets are int32: a larger cache must raise, not read wrong rows."""
+    cent, _ = tq.lloyd_max(128, 4)
+    rot = tq.haar_rotation(128)
+    s = jax.ShapeDtypeStruct
+    big = s((1 << 17, 16, 1088), jnp.uint8)  # 2.1 GiB, never allocated
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        jax.eval_shape(lambda c: tq.paged_decode(
+            jnp.ones((2, 32, 128), jnp.float16), c, jnp.zeros((2, 4), jnp.int32),
+            jnp.ones((2,), jnp.int32), cent, rot, num_kv_heads=8, head_dim=128, block_size=16,
+            impl="pallas"), big)

@@ -31,6 +31,9 @@ from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _cod
 from .codec import compress, dequantize_reference
 from .layout import NORM_BYTES, PagedLayout, paged_layout
 
+#: The kernel's in-cache offsets are int32 (jax without x64): caches must stay below 2 GiB.
+MAX_CACHE_BYTES = 1 << 31
+
 __all__ = ["paged_layout", "paged_write", "paged_write_reference", "paged_decode",
            "paged_decode_reference", "PagedLayout"]
 
@@ -258,6 +261,10 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
                                       num_kv_heads=num_kv_heads, head_dim=head_dim,
                                       block_size=block_size, sm_scale=scale,
                                       v_centroids=v_centroids).astype(q.dtype)
+    if kv_cache.size >= MAX_CACHE_BYTES:
+        raise ValueError(f"kv_cache has {kv_cache.size} bytes: the paged kernel addresses the "
+                         f"cache with 32-bit offsets (< {MAX_CACHE_BYTES}); split the cache "
+                         f"(e.g. one per layer) or use impl='reference'")
     k_bits, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
     v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
     s, hq, d = q.shape
