@@ -120,11 +120,9 @@ def _paged_tile(paged: Paged, cache_ref, bt_ref, bits_ref, codes_at: int, norms_
     blk = bt_ref[idx] if kmask is None else plgpu.load(bt_ref.at[idx], mask=kmask, other=0)
     rows = jnp.clip(blk, 0, n_blocks - 1) * bs + k_pos % bs
     codes = load_tile(cache_ref, rows, kmask, codes_at + bcols, bc_ok)
-    word = jnp.zeros(rows.shape, jnp.int32)  # little-endian float32 from 4 byte gathers
-    for i in range(NORM_BYTES):
-        ptr = cache_ref.at[rows, norms_at + i]
-        byte = plgpu.load(ptr) if kmask is None else plgpu.load(ptr, mask=kmask, other=0)
-        word = word | (byte.astype(jnp.int32) << (8 * i))
+    four = jnp.arange(NORM_BYTES, dtype=jnp.int32)
+    nbytes = load_tile(cache_ref, rows, kmask, norms_at + four, None).astype(jnp.int32)
+    word = jnp.sum(nbytes << (8 * four)[None, :], axis=1)  # little-endian float32
     return decode_codes(bits_ref, codes, dt, lut), lax.bitcast_convert_type(word, jnp.float32)
 
 
