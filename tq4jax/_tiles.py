@@ -106,9 +106,10 @@ def lut_program(bits16: tuple[int, ...]) -> list[tuple]:
 
 def lut_asm(bits16: tuple[int, ...]) -> str:
     """PTX text of :func:`lut_program` for ``elementwise_inline_asm`` (pack=4)."""
-    regs = sorted({op[1] for op in lut_program(bits16) if not op[1].startswith("$")})
+    prog = lut_program(bits16)
+    regs = sorted({op[1] for op in prog if not op[1].startswith("$")})
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
-    for op, dst, *src in lut_program(bits16):
+    for op, dst, *src in prog:
         src = [f"{x:#x}" if isinstance(x, int) else x for x in src]
         lines.append(f"{op}.b32 {dst}, {', '.join(src)};")
     return "\n".join(lines + ["}"])

@@ -66,11 +66,6 @@ class Config(NamedTuple):
     splits: int = 1
 
 
-class Codes(NamedTuple):
-    """Static description of one compressed operand (K or V) for the kernel."""
-    lut: tuple[int, ...] | None  # codebook bit patterns for the in-register decode, or None
-
-
 class Paged(NamedTuple):
     """Static description of a paged TQ4 cache (LAYOUTS.md A2) for the kernel."""
     block_size: int
@@ -226,7 +221,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
 
 #: Largest head dim whose rotation (two [D, D] 16-bit halves) is applied inside the kernel.
 ROTATE_IN_KERNEL_MAX_D = 128
-#: Streaming multiprocessors to fill (H100/H200: 132); KV splits aim at 2 programs per SM.
+#: Streaming multiprocessors to fill (H100/H200: 132); see choose_config's per_sm.
 NUM_SMS = 132
 #: A KV split covers at least this many keys.
 MIN_SPLIT_KEYS = 256
@@ -258,10 +253,48 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
     return cfg._replace(splits=int(splits))
 
 
-def _split_spec(shape: tuple, bh) -> pl.BlockSpec:
-    """BlockSpec of a per-split partial output [B, HKV, splits, rows(, D)]."""
-    zeros = (0,) * (len(shape) - 3)
-    return pl.BlockSpec((None, None, None) + shape[3:], lambda r, i, s: bh(r, i, s) + (s,) + zeros)
+def head_spec(x, hkv: int) -> pl.BlockSpec:
+    """BlockSpec of an array [B, HKV, ...] blocked per (batch, KV head) = grid axis 1."""
+    zeros = (0,) * (x.ndim - 2)
+    return pl.BlockSpec((None, None) + tuple(x.shape[2:]),
+                        lambda r, i, s: (i // hkv, i % hkv) + zeros)
+
+
+def whole_spec(x) -> pl.BlockSpec:
+    """BlockSpec of a small array every program reads whole."""
+    return pl.BlockSpec(x.shape, lambda r, i, s: (0,) * x.ndim)
+
+
+def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any):
+    """(out_shape, out_specs) of the kernel: [B, HKV, rows, D] in ``dtype`` for one split;
+    per split [B, HKV, S, rows, D] f32 plus m and l [B, HKV, S, rows] otherwise."""
+    if splits == 1:
+        out = jax.ShapeDtypeStruct((b, hkv, n_rows, d), dtype)
+        return (out,), (head_spec(out, hkv),)
+    shapes = ((b, hkv, splits, n_rows, d), (b, hkv, splits, n_rows), (b, hkv, splits, n_rows))
+    outs = tuple(jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes)
+    def split_spec(sh):
+        zeros = (0,) * (len(sh) - 3)
+        return pl.BlockSpec((None, None, None) + sh[3:],
+                            lambda r, i, s: (i // hkv, i % hkv, s) + zeros)
+
+    return outs, tuple(split_spec(sh) for sh in shapes)
+
+
+def rotate_in_xla(q: jnp.ndarray, rot: tuple) -> jnp.ndarray:
+    """``q @ Pi^T`` outside the kernel (D > ROTATE_IN_KERNEL_MAX_D), in q's dtype."""
+    return jnp.matmul(q.astype(jnp.float32), rot[4].T,
+                      precision=lax.Precision.HIGHEST).astype(q.dtype)
+
+
+def finish(outs, shape: tuple, dtype: Any, rot: tuple | None) -> jnp.ndarray:
+    """Kernel outputs -> ``shape`` in ``dtype``: merge the splits (when there are several) and
+    post-rotate with ``rot`` when that was not done in the kernel (``rot`` None: done)."""
+    out = outs[0] if len(outs) == 1 else merge_splits(*outs)
+    out = out.reshape(shape)
+    if rot is not None:
+        out = jnp.matmul(out.astype(jnp.float32), rot[4], precision=lax.Precision.HIGHEST)
+    return out.astype(dtype)
 
 
 @partial(jax.jit, static_argnames=("k_lut", "v_lut", "causal", "scale", "cfg", "mode"))
@@ -278,29 +311,18 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
     in_kernel = d <= ROTATE_IN_KERNEL_MAX_D  # else Pi's 16-bit halves overflow shared memory
     rot_q, post = k_tq4 and in_kernel, v_tq4 and in_kernel
     if k_tq4 and not in_kernel:
-        q = jnp.matmul(q.astype(jnp.float32), rot[4].T, precision=lax.Precision.HIGHEST
-                       ).astype(q.dtype)
-
-    def bh(r, i, s):
-        return i // hkv, i % hkv
-
-    def rows_spec(x):  # [B, HKV, rows, D] or [B, HKV, Sk] (norms)
-        zeros = (0,) * (x.ndim - 2)
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda r, i, s: bh(r, i, s) + zeros)
-
-    def whole(x):  # a small array every program reads whole
-        return pl.BlockSpec(x.shape, lambda r, i, s: (0,) * x.ndim)
+        q = rotate_in_xla(q, rot)
 
     def specs(parts):
-        return [rows_spec(x) if x.ndim >= 3 else whole(x) for x in parts]
+        return [head_spec(x, hkv) if x.ndim >= 3 else whole_spec(x) for x in parts]
 
     q_view = q.reshape(b, hkv, n_rows, d)
     args = [q_view] + (list(rot[:2]) if rot_q else []) + list(k_parts) + list(v_parts)
-    in_specs = [rows_spec(q_view)] + [whole(x) for x in (rot[:2] if rot_q else [])]
+    in_specs = [head_spec(q_view, hkv)] + [whole_spec(x) for x in (rot[:2] if rot_q else [])]
     in_specs += specs(k_parts) + specs(v_parts)
     if post:
         args += list(rot[2:4])
-        in_specs += [whole(x) for x in rot[2:4]]
+        in_specs += [whole_spec(x) for x in rot[2:4]]
     mask_heads = False
     if mask is not None:
         bm_, hm = mask.shape[:2]
@@ -311,15 +333,8 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
             i // hkv if bm_ > 1 else 0, i % hkv if mask_heads else 0, 0, 0)))
         args.append(mask)
 
-    if splits == 1:
-        dt = jnp.float32 if v_tq4 and not post else q.dtype  # rotated space: keep f32
-        out_shape = (jax.ShapeDtypeStruct((b, hkv, n_rows, d), dt),)
-        out_specs = (rows_spec(out_shape[0]),)
-    else:
-        out_shape = (jax.ShapeDtypeStruct((b, hkv, splits, n_rows, d), jnp.float32),
-                     jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32),
-                     jax.ShapeDtypeStruct((b, hkv, splits, n_rows), jnp.float32))
-        out_specs = tuple(_split_spec(o.shape, bh) for o in out_shape)
+    out_shape, out_specs = output_specs(b, hkv, n_rows, d, splits,
+                                        jnp.float32 if v_tq4 and not post else q.dtype)
     kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, rot_q=rot_q, post=post,
                      k_lut=k_lut, v_lut=v_lut,
                      has_mask=mask is not None, mask_heads=mask_heads, causal=causal,
@@ -327,15 +342,7 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
     outs = pallas_call(kernel, mode=mode, grid=(pl.cdiv(n_rows, cfg.block_m), b * hkv, splits),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
-    if splits == 1:
-        out = outs[0].reshape(b, hq, sq, d)
-        if v_tq4 and not post:
-            out = jnp.matmul(out.astype(jnp.float32), rot[4], precision=lax.Precision.HIGHEST)
-        return out.astype(q.dtype)
-    out = merge_splits(*outs).reshape(b, hq, sq, d)
-    if v_tq4 and not post:
-        out = jnp.matmul(out, rot[4], precision=lax.Precision.HIGHEST)
-    return out.astype(q.dtype)
+    return finish(outs, (b, hq, sq, d), q.dtype, rot if v_tq4 and not post else None)
 
 
 def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray, axis: int = 2) -> jnp.ndarray:

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from . import _checks as ck
 from ._config import kernel_mode, pallas_call, resolve_impl
 from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts,
-                        _split_spec, _rotation_parts, attention_reference, choose_config,
-                        merge_splits)
+                        _rotation_parts, attention_reference, choose_config, finish,
+                        head_spec, output_specs, rotate_in_xla, whole_spec)
 from .codec import compress, dequantize_reference
 from .layout import NORM_BYTES, PagedLayout, paged_layout
 
@@ -68,7 +68,8 @@ def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_b
     ck.check_float("key", key)
     ck.check_ndim("key", key, 3, "[num_tokens, num_kv_heads, head_dim]")
     if value.shape != key.shape:
-        raise ValueError(f"value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
+                         f"got {tuple(value.shape)}")
     n, h, d = key.shape
     ck.check_head_dim("key", d)
     lay = paged_layout(h, d)
@@ -83,7 +84,8 @@ def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_b
     k_boundaries = ck.check_boundaries(k_boundaries, "k_boundaries")
     v_boundaries = (k_boundaries if v_boundaries is None
                     else ck.check_boundaries(v_boundaries, "v_boundaries"))
-    return kv_cache, key, value, slot_mapping.astype(jnp.int32), rotation, k_boundaries, v_boundaries
+    slot_mapping = slot_mapping.astype(jnp.int32)
+    return kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries
 
 
 def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation: Any,
@@ -130,7 +132,8 @@ def _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads, head_dim):
     hd = head_dim // 2
 
     def part(codes_at, norms_at):
-        codes = data[..., codes_at:codes_at + num_kv_heads * hd].reshape(s, mb * bs, num_kv_heads, hd)
+        codes = data[..., codes_at:codes_at + num_kv_heads * hd]
+        codes = codes.reshape(s, mb * bs, num_kv_heads, hd)
         nbytes = data[..., norms_at:norms_at + NORM_BYTES * num_kv_heads]
         norms = lax.bitcast_convert_type(nbytes.reshape(s, mb * bs, num_kv_heads, NORM_BYTES),
                                          jnp.float32)
@@ -164,34 +167,19 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits, rot, *, pa
     max_len = block_table.shape[1] * bs
     in_kernel = d <= ROTATE_IN_KERNEL_MAX_D
     if not in_kernel:
-        q = jnp.matmul(q.astype(jnp.float32), rot[4].T,
-                       precision=lax.Precision.HIGHEST).astype(q.dtype)
+        q = rotate_in_xla(q, rot)
     q_view = q.reshape(s, hkv, group, d)
     flat = kv_cache.reshape(-1, kv_cache.shape[2])
-
-    def whole(x):
-        return pl.BlockSpec(x.shape, lambda r, i, sp: (0,) * x.ndim)
-
-    def head_spec(x):  # [S, HKV, ...] blocked per (sequence, KV head)
-        zeros = (0,) * (x.ndim - 2)
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda r, i, sp: (i // hkv, i % hkv) + zeros)
-
     row_spec = pl.BlockSpec((None, block_table.shape[1]), lambda r, i, sp: (i // hkv, 0))
-    pairs = [(q_view, head_spec(q_view))]
-    pairs += [(x, whole(x)) for x in (rot[:2] if in_kernel else ())]
-    pairs += [(flat, whole(flat)), (block_table, row_spec), (seq_lens, whole(seq_lens)),
-              (k_bits, whole(k_bits)), (v_bits, whole(v_bits))]
-    pairs += [(x, whole(x)) for x in (rot[2:4] if in_kernel else ())]
+    pairs = [(q_view, head_spec(q_view, hkv))]
+    pairs += [(x, whole_spec(x)) for x in (rot[:2] if in_kernel else ())]
+    pairs += [(flat, whole_spec(flat)), (block_table, row_spec),
+              (seq_lens, whole_spec(seq_lens)), (k_bits, whole_spec(k_bits)),
+              (v_bits, whole_spec(v_bits))]
+    pairs += [(x, whole_spec(x)) for x in (rot[2:4] if in_kernel else ())]
     args, in_specs = [a for a, _ in pairs], [sp for _, sp in pairs]
-    if splits == 1:
-        out_shape = (jax.ShapeDtypeStruct((s, hkv, group, d), jnp.float32),)
-        out_specs = (head_spec(out_shape[0]),)
-    else:
-        out_shape = (jax.ShapeDtypeStruct((s, hkv, splits, group, d), jnp.float32),
-                     jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32),
-                     jax.ShapeDtypeStruct((s, hkv, splits, group), jnp.float32))
-        out_specs = tuple(_split_spec(o.shape, lambda r, i, sp: (i // hkv, i % hkv))
-                          for o in out_shape)
+    out_shape, out_specs = output_specs(s, hkv, group, d, splits,
+                                        q.dtype if in_kernel else jnp.float32)
     kernel = partial(_attn_kernel, k_tq4=True, v_tq4=True, rot_q=in_kernel, post=in_kernel,
                      k_lut=k_lut, v_lut=v_lut, has_mask=False, mask_heads=False, causal=False,
                      scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=1, sk=max_len, d=d,
@@ -199,11 +187,7 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits, rot, *, pa
     outs = pallas_call(kernel, mode=mode, grid=(1, s * hkv, splits), out_shape=out_shape,
                        in_specs=in_specs, out_specs=out_specs, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)(*args)
-    out = outs[0] if splits == 1 else merge_splits(*outs)
-    out = out.reshape(s, hq, d)
-    if not in_kernel:
-        out = jnp.matmul(out, rot[4], precision=lax.Precision.HIGHEST)
-    return out.astype(q.dtype)
+    return finish(outs, (s, hq, d), q.dtype, None if in_kernel else rot)
 
 
 def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size):
