@@ -1,8 +1,12 @@
-"""Paged TQ4 decode (turboquant-vllm layout): B in {1, 8, 32} x context 1K/8K/32K, 32/8 heads,
-D=128, block 16, beside torch SDPA fp16 on dense K/V (when torch is importable), jax cuDNN on
-dense K/V, and the original ``fused_paged_tq4_decode`` on the same cache bytes (when
-turboquant-vllm is installed). Prints GB/s on the compressed bytes read and the ratio to the
-copy bandwidth measured in the same run.
+"""Paged TQ4 cache (turboquant-vllm layout), 32/8 heads, D=128, block 16.
+
+* decode: B in {1, 8, 32} x context 1K/8K/32K beside torch SDPA fp16 on dense K/V (when torch
+  is importable), jax cuDNN on dense K/V, and the original ``fused_paged_tq4_decode`` on the
+  same cache bytes (when turboquant-vllm is installed). Prints GB/s on the compressed bytes
+  read and the ratio to the copy bandwidth measured in the same run.
+* prefill: 4 sequences x 2K new tokens on 6K context, fp16 and int8 Q @ K^T, beside SDPA /
+  cuDNN causal (lower right) on the same dense shapes and the original
+  ``fused_paged_tq4_int8_prefill`` (one call per sequence: it takes one sequence).
 
     PYTHONPATH=. python3 bench/paged.py [--quick]
 """
@@ -76,6 +80,59 @@ def run(b: int, ctx: int) -> dict[str, float]:
     return res
 
 
+def run_prefill(n_seqs: int, new: int, ctx: int) -> dict[str, float]:
+    """Chunked prefill: n_seqs sequences of ``ctx`` cached + ``new`` new tokens (all in the
+    cache), causal with the new tokens as the last positions."""
+    total = ctx + new
+    _, cache, table, lens, cent, rot, k, v = make_case(n_seqs, total)
+    q = jax.random.normal(jax.random.PRNGKey(7), (n_seqs * new, HQ, D), jnp.float16)
+    qsl = jnp.arange(n_seqs + 1, dtype=jnp.int32) * new
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    res = {}
+    for name, int8 in (("tq4jax paged_prefill fp16", False), ("tq4jax paged_prefill int8", True)):
+        res[name] = time_ms(jax.jit(lambda q, c, t, n, l, i=int8: tq.paged_prefill(
+            q, c, t, n, l, cent, rot, **kw, use_int8_qk=i)), q, cache, table, lens, qsl)
+    qb = q.reshape(n_seqs, new, HQ, D)  # BTNH
+    visible = jnp.arange(total)[None, :] <= jnp.arange(new)[:, None] + ctx
+    try:
+        res["jax cudnn fp16"] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=visible[None, None], implementation="cudnn")), qb, k, v)
+    except Exception as e:  # noqa: BLE001
+        print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:
+        return res
+    t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
+    tq_, tk, tv = (t(x).transpose(1, 2) for x in (qb, k, v))
+    bias = causal_lower_right(new, total)
+    try:
+        res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
+            tq_, tk, tv, attn_mask=bias, enable_gqa=True))
+    except Exception as e:  # noqa: BLE001  (older torch: no GQA with a CausalBias)
+        print(f"  SDPA with enable_gqa failed ({type(e).__name__}); K/V repeated before timing")
+        tk, tv = (x.repeat_interleave(HQ // HKV, dim=1) for x in (tk, tv))
+        res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
+            tq_, tk, tv, attn_mask=bias))
+    try:
+        from turboquant_vllm.triton.fused_paged_tq4_int8_prefill import (
+            fused_paged_tq4_int8_prefill)
+    except ImportError:
+        return res
+    tc, tcent, trot = t(cache), t(cent), t(rot)
+    per_seq = [(t(q[i * new:(i + 1) * new]), t(table[i:i + 1]), t(lens[i:i + 1]))
+               for i in range(n_seqs)]
+
+    def original():  # single-sequence kernel: one call per sequence
+        for qi, bt, ln in per_seq:
+            fused_paged_tq4_int8_prefill(qi, tc, bt, ln, tcent, trot, HKV, D, BS)
+
+    res["original fused_paged_tq4_int8_prefill"] = torch_ms(original)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -100,6 +157,13 @@ def main():
               + f" | {gbs:.0f} | {gbs / copy:.0%} | {sd:.2f}x | {orig:.1f}x |")
     print("\nms, median; TQ4 GB/s counts the compressed K/V bytes read once (136 per token per "
           "KV head)")
+    n_seqs, new, ctx = (4, 2048, 6144)
+    r = run_prefill(n_seqs, new, ctx)
+    print(f"\n# paged prefill: {n_seqs} sequences x {new} new tokens on {ctx} context, causal\n")
+    print("| path | ms | vs torch SDPA fp16 |\n|---|---|---|")
+    sd = r.get("torch SDPA fp16", float("nan"))
+    for name, ms in sorted(r.items(), key=lambda kv: kv[1]):
+        print(f"| {name} | {ms:.3f} | {ms / sd:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import tq4jax as tq
 from helpers import rel_l2
 from test_attention import deq, oracle
-from tq4jax.testing import lower_to_triton
+from tq4jax.testing import kernel_jaxpr, lower_to_triton
 
 IMPLS = ["reference", "pallas"]
 
@@ -119,6 +119,91 @@ def test_write_then_decode(rng, case):
         assert rel_l2(outs["pallas"][s], np.asarray(contiguous, np.float32)[0, :, 0]) < tol
 
 
+PREFILL_CASES = [  # lens, new tokens per sequence, hq, hkv, d, block_size, dtype, int8
+    ([40, 0, 17, 64], [40, 0, 5, 1], 8, 2, 128, 16, jnp.float16, False),
+    ([40, 0, 17, 64], [40, 0, 5, 1], 8, 2, 128, 16, jnp.float16, True),
+    ([70, 33], [30, 33], 4, 1, 64, 32, jnp.bfloat16, True),
+    ([19, 50, 9], [19, 7, 3], 7, 1, 96, 16, jnp.float16, False),
+    ([23], [11], 2, 2, 256, 16, jnp.bfloat16, False),
+]
+
+
+def _prefill_inputs(rng, t, lens, new, hq, d, dtype, pad=0):
+    """q [N + pad, hq, d] for the last ``new[s]`` positions of each sequence, and
+    query_start_loc."""
+    qsl = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((int(qsl[-1]) + pad, hq, d)), dtype)
+    return q, jnp.asarray(qsl)
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES,
+                         ids=lambda c: f"{len(c[0])}seq-d{c[4]}-bs{c[5]}{'-int8' * c[7]}")
+def test_write_then_prefill(rng, case):
+    """Chunked causal prefill of many sequences vs the float64 oracle and vs the contiguous
+    kernel on the same tokens (causal, Sq < Sk), V 3-bit."""
+    lens, new, hq, hkv, d, bs, dtype, int8 = case
+    t = _setup(rng, lens, hq, hkv, d, bs, dtype, v_bits=3)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"], t["vb"])
+    q, qsl = _prefill_inputs(rng, t, lens, new, hq, d, dtype, pad=3)
+    args = (q, cache, t["table"], t["lens"], qsl, t["cent"], t["rot"])
+    got = np.asarray(tq.paged_prefill(*args, **t["kw"], v_centroids=t["vc"], use_int8_qk=int8,
+                                      impl="pallas"), np.float32)
+    ref = np.asarray(tq.paged_prefill(*args, **t["kw"], v_centroids=t["vc"], impl="reference"),
+                     np.float32)
+    np.testing.assert_array_equal(got[int(qsl[-1]):], 0.0)  # padding tokens
+    np.testing.assert_array_equal(ref[int(qsl[-1]):], 0.0)
+    tol = (1e-2 if dtype == jnp.float16 else 2e-2) * (2 if int8 else 1)
+    start = np.concatenate([[0], np.cumsum(lens)])
+    for s, (n, m) in enumerate(zip(lens, new)):
+        if m == 0:
+            continue
+        kp, kn = tq.compress(t["key"][start[s]:start[s + 1]], t["rot"], t["bnd"], impl="reference")
+        vp, vn = tq.compress(t["val"][start[s]:start[s + 1]], t["rot"], t["vb"], impl="reference")
+        to_bhsd = lambda x: jnp.swapaxes(x, 0, 1)[None]  # noqa: E731
+        kp, kn, vp, vn = map(to_bhsd, (kp, kn, vp, vn))
+        qs = jnp.swapaxes(q[qsl[s]:qsl[s + 1]], 0, 1)[None]  # [1, HQ, m, D]
+        want = oracle(qs, deq(kp, kn, t["cent"], t["rot"]), deq(vp, vn, t["vc"], t["rot"]),
+                      1 / np.sqrt(d), True)[0].swapaxes(0, 1)
+        contiguous = tq.flash_attention_tq4_kv(qs, kp, kn, vp, vn, t["cent"], t["rot"],
+                                               is_causal=True, v_centroids=t["vc"], impl="pallas")
+        rows = slice(int(qsl[s]), int(qsl[s + 1]))
+        assert rel_l2(ref[rows], want) < tol / (2 if int8 else 1), s
+        assert rel_l2(got[rows], want) < tol, s
+        assert rel_l2(got[rows], np.asarray(contiguous, np.float32)[0].swapaxes(0, 1)) < tol, s
+
+
+def test_prefill_many_splits_and_decode_agree(rng, monkeypatch):
+    """One new token per sequence: prefill == decode (split-KV, some splits empty)."""
+    import tq4jax.attention as att
+    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(att, "NUM_SMS", 64)
+    t = _setup(rng, [150, 3, 64], 4, 2, 64, 16, jnp.float16)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
+    qsl = jnp.arange(4, dtype=jnp.int32)
+    got = tq.paged_prefill(t["q"], cache, t["table"], t["lens"], qsl, t["cent"], t["rot"],
+                           **t["kw"], impl="pallas")
+    want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
+                           impl="reference")
+    assert rel_l2(got, want) < 1e-2
+
+
+def test_prefill_garbage_query_start_loc_stays_in_bounds(rng):
+    """Ranges past the token count or running backwards read and write nothing outside q."""
+    t = _setup(rng, [20, 30], 4, 2, 64, 16, jnp.float16)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
+    q = jnp.asarray(rng.standard_normal((8, 4, 64)), jnp.float16)
+    for qsl in ([0, 5, 40], [0, 6, 2], [3, 3, 8]):
+        qsl = jnp.asarray(qsl, jnp.int32)
+        args = (q, cache, t["table"], t["lens"], qsl, t["cent"], t["rot"])
+        got = tq.paged_prefill(*args, **t["kw"], impl="pallas")
+        want = tq.paged_prefill(*args, **t["kw"], impl="reference")
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        ok = np.arange(8) < min(int(qsl[-1]), 8)
+        ok &= np.arange(8) >= int(qsl[0])
+        if int(qsl[1]) >= int(qsl[0]) and int(qsl[2]) >= int(qsl[1]):  # well-formed ranges
+            assert rel_l2(np.asarray(got)[ok], np.asarray(want)[ok]) < 1e-2
+
+
 def test_write_keeps_padding_and_skips_negative_slots(rng):
     t = _setup(rng, [20], 4, 2, 64, 16, jnp.float16, total_bytes=256)
     lay = tq.paged_layout(2, 64)
@@ -188,6 +273,24 @@ def test_decode_lowers_to_triton(d):
     assert "__gpu$xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_prefill_lowers_to_triton(int8):
+    s = jax.ShapeDtypeStruct
+    args = (s((300, 8, 128), jnp.float16), s((80, 16, 2 * 136), jnp.uint8),
+            s((3, 64), jnp.int32), s((3,), jnp.int32), s((4,), jnp.int32))
+    cent, rot = tq.lloyd_max(128, 4)[0], tq.haar_rotation(128)
+    kw = dict(num_kv_heads=2, head_dim=128, block_size=16, use_int8_qk=int8, impl="pallas")
+    text = lower_to_triton(lambda q, c, b, n, l: tq.paged_prefill(q, c, b, n, l, cent, rot, **kw),
+                           *args)
+    assert "__gpu$xla.gpu.triton" in text and "prmt.b32" in text
+    dots = [ln for ln in kernel_jaxpr(lambda q, c, b, n, l: tq.paged_prefill(
+        q, c, b, n, l, cent, rot, **kw), *args).splitlines() if "dot_general[" in ln]
+    assert any(":i32[" in ln for ln in dots) == int8  # Q @ K^T on int8 -> int32
+    text = lower_to_triton(lambda q, c, b, n, l, ce: tq.paged_prefill(q, c, b, n, l, ce, rot, **kw),
+                           *args, s((16,), jnp.float32))
+    assert "__gpu$xla.gpu.triton" in text
+
+
 def test_bad_input():
     q = jnp.ones((2, 4, 64), jnp.float16)
     cache = jnp.zeros((4, 16, 144), jnp.uint8)
@@ -206,6 +309,16 @@ def test_bad_input():
         tq.paged_decode(q, cache, bt, ln.astype(jnp.float32), cent, rot, **kw)
     with pytest.raises(ValueError, match="num_kv_heads"):
         tq.paged_decode(q, cache, bt, ln, cent, rot, num_kv_heads=3, head_dim=64, block_size=16)
+    qsl = jnp.asarray([0, 1, 2], jnp.int32)
+    tq.paged_prefill(q, cache, bt, ln, qsl, cent, rot, **kw, impl="reference")  # valid
+    with pytest.raises(ValueError, match=r"query_start_loc must have shape \(3,\)"):
+        tq.paged_prefill(q, cache, bt, ln, qsl[:2], cent, rot, **kw)
+    with pytest.raises(TypeError, match="query_start_loc must have dtype"):
+        tq.paged_prefill(q, cache, bt, ln, qsl.astype(jnp.float32), cent, rot, **kw)
+    with pytest.raises(ValueError, match=r"block_table must have shape \[2, max_blocks\]"):
+        tq.paged_prefill(q, cache, bt[:1], ln, qsl, cent, rot, **kw)
+    with pytest.raises(ValueError, match="q must have"):
+        tq.paged_prefill(q[..., :32], cache, bt, ln, qsl, cent, rot, **kw)
     k = jnp.ones((5, 2, 64), jnp.float16)
     with pytest.raises(ValueError, match="kv_cache rows must hold at least 144"):
         tq.paged_write(cache[..., :100], k, k, jnp.arange(5, dtype=jnp.int32), rot, bnd)

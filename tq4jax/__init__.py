@@ -9,7 +9,8 @@ from .codebook import haar_rotation, hadamard_rotation, lloyd_max
 from .codec import (compress, compress_reference, decompress, decompress_reference, dequantize,
                     dequantize_reference)
 from .layout import PagedLayout, bytes_per_token_head, paged_layout
-from .paged import paged_decode, paged_decode_reference, paged_write, paged_write_reference
+from .paged import (paged_decode, paged_decode_reference, paged_prefill, paged_prefill_reference,
+                    paged_write, paged_write_reference)
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,5 @@ __all__ = [
     "bytes_per_token_head",
     "flash_attention", "flash_attention_tq4", "flash_attention_tq4_kv", "attention_reference",
     "paged_layout", "PagedLayout", "paged_write", "paged_write_reference", "paged_decode",
-    "paged_decode_reference",
+    "paged_decode_reference", "paged_prefill", "paged_prefill_reference",
 ]

@@ -117,23 +117,43 @@ def lut_asm(bits16: tuple[int, ...]) -> str:
 
 def decode_codes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
                  lut: tuple[int, ...] | None = None) -> jnp.ndarray:
-    """uint8 code tile [R, C] -> centroids [R, 2C] in ``dtype`` (fp16/bf16), coordinates in
-    order (even = high nibble first).
+    """uint8 code tile [R, C] -> centroids [R, 2C] in ``dtype``, coordinates in order (even =
+    high nibble first).
 
-    ``lut`` (the codebook's 16 bit patterns, static) decodes in registers with ``prmt``
-    (compiled kernels only); otherwise two gathers per byte from ``table_ref``, the
-    :func:`codebook_bits` of the same codebook (32 bytes: one memory sector).
+    ``dtype`` fp16/bf16: ``table_ref`` is the :func:`codebook_bits` of the codebook (32 bytes:
+    one memory sector). ``dtype`` int8: ``table_ref`` is an :func:`int8_codebook` table and
+    the result holds the codebook's int8 levels. ``lut`` (the table's 16 16-bit patterns,
+    static) decodes in registers with ``prmt`` (compiled kernels only); otherwise two gathers
+    per byte from ``table_ref``.
     """
+    int8 = jnp.dtype(dtype) == jnp.int8
     if lut is not None:
         b = lax.bitcast_convert_type(packed, jnp.int8)  # Triton integers are signless
+        shape = (packed.shape[0], 2 * packed.shape[1])
         [out] = plgpu.elementwise_inline_asm(
             lut_asm(lut), args=[interleave(b, b)], constraints="=r,=r,r", pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct((packed.shape[0], 2 * packed.shape[1]),
-                                                      dtype)])
-        return out
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int16 if int8 else dtype)])
+        return out.astype(jnp.int8) if int8 else out
     hi, lo = split_nibbles(packed)
+    if int8:
+        return interleave(table_ref[hi], table_ref[lo]).astype(jnp.int32).astype(jnp.int8)
     return interleave(lax.bitcast_convert_type(table_ref[hi], dtype),
                       lax.bitcast_convert_type(table_ref[lo], dtype))
+
+
+#: Entry of an :func:`int8_codebook` table that holds the scale.
+INT8_SCALE_AT = 16
+
+
+def int8_codebook(centroids16: Any, xp: Any = jnp) -> Any:
+    """Codebook [16] -> float32 [32]: entries 0-15 the integer levels
+    ``round(c * 127 / max|c|)`` (int8 range), entry 16 the scale ``max|c| / 127``. ``xp``:
+    jnp, or numpy for a concrete codebook (static LUT)."""
+    c = xp.asarray(centroids16, xp.float32)
+    amax = xp.max(xp.abs(c))
+    scale = xp.where(amax > 0, amax / xp.float32(127.0), xp.float32(1.0)).astype(xp.float32)
+    levels = xp.round(c / scale)
+    return xp.concatenate([levels, scale[None], xp.zeros(15, xp.float32)]).astype(xp.float32)
 
 
 def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:

@@ -31,8 +31,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (codebook_bits, decode_codes, dot_split, load_rows, load_tile,
-                     split16, store_rows, store_tile, tile_index)
+from ._tiles import (INT8_SCALE_AT, codebook_bits, decode_codes, dot_split, load_rows,
+                     load_tile, split16, store_rows, store_tile, tile_index)
 from .codec import dequantize_reference
 from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook
 
@@ -79,8 +79,8 @@ def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mas
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     q_refs = take(3 if rot_q else 1)   # q (+ Pi^T hi, lo)
-    if paged is not None:              # cache, block table row, seq_lens, K bits | V bits
-        k_refs, v_refs = take(4), take(1)
+    if paged is not None:  # cache, block table, seq_lens, query_start_loc, schedule, K | V table
+        k_refs, v_refs = take(6), take(1)
     else:
         k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
         v_refs = take(3 if v_tq4 else 1)
@@ -104,40 +104,81 @@ def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, lut):
     return tile, norms
 
 
-def _paged_tile(paged: Paged, cache_ref, bt_ref, bits_ref, codes_at: int, norms_at: int,
-                k_pos, kmask, bcols, bc_ok, dt, lut):
+def _paged_tile(paged: Paged, cache_ref, bt_ref, bt_base, table_ref, codes_at: int,
+                norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut):
     """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
-    (centroids [rows, D] in ``dt``, norms [rows] f32). ``bt_ref`` is the sequence's block
-    table row; block ids are clamped into the cache, masked lanes read nothing."""
+    (decoded [rows, D] in ``dt`` (int8 when ``dt`` is int8), norms [rows] f32). The sequence's
+    block-table row starts at ``bt_base`` of the flat ``bt_ref``; block ids are clamped into
+    the cache, masked lanes read nothing."""
     bs = paged.block_size
     n_blocks = cache_ref.shape[0] // bs
-    idx = k_pos // bs
+    idx = bt_base + k_pos // bs
     blk = bt_ref[idx] if kmask is None else plgpu.load(bt_ref.at[idx], mask=kmask, other=0)
     rows = jnp.clip(blk, 0, n_blocks - 1) * bs + k_pos % bs
     codes = load_tile(cache_ref, rows, kmask, codes_at + bcols, bc_ok)
     four = jnp.arange(NORM_BYTES, dtype=jnp.int32)
     nbytes = load_tile(cache_ref, rows, kmask, norms_at + four, None).astype(jnp.int32)
     word = jnp.sum(nbytes << (8 * four)[None, :], axis=1)  # little-endian float32
-    return decode_codes(bits_ref, codes, dt, lut), lax.bitcast_convert_type(word, jnp.float32)
+    return decode_codes(table_ref, codes, dt, lut), lax.bitcast_convert_type(word, jnp.float32)
+
+
+def _quantize_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """[rows, D] float -> (int8 [rows, D], per-row scale f32 [rows]) with x ~= q * scale,
+    rounding half away from zero (all-zero rows: scale 1)."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)
+    scale = jnp.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+    y = xf * (1.0 / scale)[:, None]
+    return (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8), scale
 
 
 def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut, v_lut,
                  has_mask: bool, mask_heads: bool, causal: bool, scale_log2: float, cfg: Config,
-                 group: int, sq: int, sk: int, d: int, paged: Paged | None = None):
+                 group: int, sq: int, sk: int, d: int, paged: Paged | None = None,
+                 int8_qk: bool = False):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
     of its split. It writes the normalized output (post-rotated when V is compressed and
     D <= 128); with several splits, per split in float32 plus the running max m (log2 units)
-    and sum l, for the wrapper's log-sum-exp merge (:func:`merge_splits`)."""
+    and sum l, for the wrapper's log-sum-exp merge (:func:`merge_splits`).
+
+    Paged source (``paged``): q and the outputs are flat [tokens * HQ, D] (per split
+    [splits * tokens * HQ, D]); row block ``i`` of the (static, over-sized) grid serves the
+    sequence and first row the schedule (:func:`paged_schedule`) gives it, ``sq`` is the
+    token count and ``sk`` the block table's capacity. ``int8_qk``: Q @ K^T on int8 (q per
+    row, K by the int8 codebook levels)."""
     q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
         refs, k_tq4, v_tq4, rot_q, post, has_mask, paged)
     bm, bn = cfg.block_m, cfg.block_n
-    n_rows = group * sq
-    rb = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
-    r, r_ok = tile_index(rb * bm, bm, n_rows)
-    pos = r // group
-    # rows past n_rows keep distinct (masked) indices: interpret mode scatters masked lanes too
-    phys = jnp.where(r_ok, (r % group) * sq + pos, r)
-    shift = sk - sq  # causal: the last query sees the last key
+    blk = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
+    if paged is None:
+        n_rows, shift, seq_len, row0 = group * sq, sk - sq, sk, blk * bm
+        r, r_ok = tile_index(row0, bm, n_rows)
+        pos = r // group
+        # rows past n_rows keep distinct (masked) indices: interpret mode scatters masked
+        # lanes too (out-of-bounds ones are dropped)
+        phys = jnp.where(r_ok, (r % group) * sq + pos, r)
+        ophys = phys
+    else:
+        cache_ref, bt_ref, lens_ref, qsl_ref, sched_ref, k_table = k_refs
+        n_sched = sched_ref.shape[0] // 2
+        seq, row0 = sched_ref[blk], sched_ref[n_sched + blk]
+        live = seq >= 0
+        seq = jnp.maximum(seq, 0)
+        q_start = qsl_ref[seq]
+        q_len = jnp.maximum(qsl_ref[seq + 1] - q_start, 0)
+        n_rows = group * q_len
+        seq_len = jnp.where(live, jnp.clip(lens_ref[seq], 0, sk), 0)  # sk: table capacity
+        shift = seq_len - q_len  # the queries are the sequence's last q_len positions
+        r, r_ok = tile_index(row0, bm, n_rows)
+        pos = r // group
+        tok = q_start + pos
+        r_ok = r_ok & live & (tok >= 0) & (tok < sq)
+        hq = group * paged.num_kv_heads
+        total = sq * hq
+        phys = jnp.where(r_ok, tok * hq + pl.program_id(1) * group + r % group, total + r)
+        ophys = phys
+        if cfg.splits > 1:
+            ophys = jnp.where(r_ok, pl.program_id(2) * total + phys, cfg.splits * total + r)
     cols, c_ok = _columns(d)
     bcols, bc_ok = _columns(d // 2)
     dot = partial(jnp.dot, preferred_element_type=jnp.float32)
@@ -147,21 +188,24 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     if rot_q:  # q @ Pi^T, float32-accurate, back to q's dtype
         rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in q_refs[1:])
         q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
+    k_dt = dt
+    if int8_qk:  # s = (q8 . k8) * q_scale * k_scale * norm_k
+        q, q_scale = _quantize_rows(q)
+        k_dt, k_scale = jnp.int8, k_refs[-1][INT8_SCALE_AT]
 
-    seq_len = sk  # static for contiguous K/V; read per sequence from a paged cache
     if paged is None:
         k_tile = partial(_decode_tile, k_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=k_lut)
         v_tile = partial(_decode_tile, v_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=v_lut)
     else:
-        cache_ref, bt_ref, lens_ref, k_bits = k_refs
-        seq, head = pl.program_id(1) // paged.num_kv_heads, pl.program_id(1) % paged.num_kv_heads
-        seq_len = jnp.clip(lens_ref[seq], 0, sk)  # sk = the block table's capacity
+        head = pl.program_id(1)
         lay, hb = paged.layout, head * (d // 2)
-        tile = partial(_paged_tile, paged, cache_ref, bt_ref, bcols=bcols, bc_ok=bc_ok, dt=dt)
-        k_tile = partial(tile, k_bits, lay.k_codes + hb, lay.k_norms + NORM_BYTES * head,
-                         lut=k_lut)
+        max_blocks = bt_ref.shape[0] // lens_ref.shape[0]  # bt_ref: the flat block table
+        tile = partial(_paged_tile, paged, cache_ref, bt_ref, seq * max_blocks, bcols=bcols,
+                       bc_ok=bc_ok)
+        k_tile = partial(tile, k_table, lay.k_codes + hb, lay.k_norms + NORM_BYTES * head,
+                         dt=k_dt, lut=k_lut)
         v_tile = partial(tile, v_refs[0], lay.v_codes + hb, lay.v_norms + NORM_BYTES * head,
-                         lut=v_lut)
+                         dt=dt, lut=v_lut)
 
     # Key range of this program, and the prefix of whole blocks that needs no masking.
     split_len = pl.cdiv(pl.cdiv(sk, cfg.splits), bn) * bn
@@ -169,9 +213,9 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     k_stop = jnp.minimum(k_start + split_len, seq_len)
     hi = safe = k_stop
     if causal:
-        last_pos = (jnp.minimum(rb * bm + bm, n_rows) - 1) // group
+        last_pos = (jnp.minimum(row0 + bm, n_rows) - 1) // group
         hi = jnp.minimum(k_stop, last_pos + shift + 1)
-        safe = jnp.minimum(hi, (rb * bm) // group + shift + 1)
+        safe = jnp.minimum(hi, row0 // group + shift + 1)
     n_all = pl.cdiv(jnp.maximum(hi - k_start, 0), bn)
     n_safe = 0 if has_mask else jnp.minimum(jnp.maximum(safe - k_start, 0) // bn, n_all)
 
@@ -179,7 +223,11 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         acc, m_prev, l_prev = carry
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         kmask = k_ok if masked else None
-        if k_tq4:
+        if int8_qk:
+            k, k_norm = k_tile(k_pos, kmask)
+            s = jnp.dot(q, k.T, preferred_element_type=jnp.int32).astype(jnp.float32)
+            s = s * q_scale[:, None] * (k_norm * (k_scale * scale_log2))[None, :]
+        elif k_tq4:
             k, k_norm = k_tile(k_pos, kmask)
             s = dot(q, k.T) * (k_norm * scale_log2)[None, :]
         else:
@@ -213,10 +261,10 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     if post:  # o @ Pi with o split into 16-bit halves (o is bounded by max |v|)
         r_hi, r_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in post_refs)
         out = dot_split(*split16(out, dt), r_hi, r_lo)
-    store_tile(o_refs[0], phys, r_ok, cols, c_ok, out)
+    store_tile(o_refs[0], ophys, r_ok, cols, c_ok, out)
     if cfg.splits > 1:  # normalized per split; the merge weighs splits by 2**m * l
-        store_rows(o_refs[1], phys, r_ok, m)
-        store_rows(o_refs[2], phys, r_ok, l_fin)
+        store_rows(o_refs[1], ophys, r_ok, m)
+        store_rows(o_refs[2], ophys, r_ok, l_fin)
 
 
 #: Largest head dim whose rotation (two [D, D] 16-bit halves) is applied inside the kernel.

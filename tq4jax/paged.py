@@ -1,4 +1,5 @@
-"""Paged TQ4 cache (turboquant-vllm layout, LAYOUTS.md A2): paged_write, paged_decode.
+"""Paged TQ4 cache (turboquant-vllm layout, LAYOUTS.md A2): paged_write, paged_decode,
+paged_prefill.
 
 ``kv_cache [num_blocks, block_size, total_bytes] uint8``: token t of sequence s lives in block
 ``block_table[s, t // block_size]``, row ``t % block_size``; one row holds every KV head's K
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -27,15 +29,16 @@ from . import _checks as ck
 from ._config import kernel_mode, pallas_call, resolve_impl
 from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts,
                         _rotation_parts, attention_reference, choose_config, finish,
-                        head_spec, output_specs, rotate_in_xla, whole_spec)
+                        merge_splits, rotate_in_xla, whole_spec)
 from .codec import compress, dequantize_reference
-from .layout import NORM_BYTES, PagedLayout, paged_layout
+from ._tiles import int8_codebook
+from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook, paged_layout
 
 #: The kernel's in-cache offsets are int32 (jax without x64): caches must stay below 2 GiB.
 MAX_CACHE_BYTES = 1 << 31
 
 __all__ = ["paged_layout", "paged_write", "paged_write_reference", "paged_decode",
-           "paged_decode_reference", "PagedLayout"]
+           "paged_decode_reference", "paged_prefill", "paged_prefill_reference", "PagedLayout"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,44 +160,99 @@ def paged_decode_reference(q, kv_cache, block_table, seq_lens, centroids, rotati
     return attention_reference(q[:, :, None, :], k, v, scale, False, mask)[:, :, 0, :]
 
 
-@partial(jax.jit, static_argnames=("paged", "k_lut", "v_lut", "scale", "cfg", "mode"))
-def _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits, rot, *, paged, k_lut,
-                  v_lut, scale, cfg, mode):
-    """q [S, H_Q, D] -> [S, H_Q, D] in q's dtype (see :func:`paged_decode`)."""
-    s, hq, d = q.shape
+def paged_schedule(query_start_loc: jnp.ndarray, group: int, block_m: int,
+                   n_blocks: int) -> jnp.ndarray:
+    """Row blocks of the paged kernel: sequence s has ``cdiv(group * q_len_s, block_m)``
+    blocks of its query rows. Returns int32 [2 * n_blocks]: the sequence of block i (-1 past
+    the last block), then its first row."""
+    q_len = jnp.maximum(query_start_loc[1:] - query_start_loc[:-1], 0)
+    per_seq = (group * q_len + block_m - 1) // block_m
+    ends = jnp.cumsum(per_seq)
+    i = jnp.arange(n_blocks, dtype=jnp.int32)
+    seq = jnp.sum(ends[None, :] <= i[:, None], axis=1, dtype=jnp.int32)  # one fused op
+    live = seq < q_len.shape[0]
+    seq = jnp.where(live, seq, 0)
+    row0 = (i - (ends[seq] - per_seq[seq])) * block_m
+    return jnp.concatenate([jnp.where(live, seq, -1), jnp.where(live, row0, 0)])
+
+
+def schedule_blocks(n_tokens: int, n_seqs: int, group: int, block_m: int) -> int:
+    """Static upper bound of the row blocks of :func:`paged_schedule` (each sequence's last
+    block may be partial; with group <= block_m a block holds at least one token)."""
+    bound = pl.cdiv(n_tokens * group, block_m) + n_seqs - 1
+    return max(1, min(bound, n_tokens) if group <= block_m else bound)
+
+
+@partial(jax.jit, static_argnames=("paged", "k_lut", "v_lut", "scale", "cfg", "mode",
+                                   "int8_qk"))
+def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, v_bits, rot, *,
+                  paged, k_lut, v_lut, scale, cfg, mode, int8_qk=False):
+    """q [N, H_Q, D] (the queries of every sequence, back to back) -> [N, H_Q, D] in q's
+    dtype; tokens outside ``query_start_loc``'s ranges give zeros. ``query_start_loc`` None:
+    decode (token s is sequence s's last position; the schedule is static)."""
+    n, hq, d = q.shape
     hkv, bs = paged.num_kv_heads, paged.block_size
-    group, splits = hq // hkv, cfg.splits
-    max_len = block_table.shape[1] * bs
+    group, splits, n_seqs = hq // hkv, cfg.splits, seq_lens.shape[0]
+    cap = block_table.shape[1] * bs
     in_kernel = d <= ROTATE_IN_KERNEL_MAX_D
     if not in_kernel:
         q = rotate_in_xla(q, rot)
-    q_view = q.reshape(s, hkv, group, d)
-    flat = kv_cache.reshape(-1, kv_cache.shape[2])
-    row_spec = pl.BlockSpec((None, block_table.shape[1]), lambda r, i, sp: (i // hkv, 0))
-    pairs = [(q_view, head_spec(q_view, hkv))]
-    pairs += [(x, whole_spec(x)) for x in (rot[:2] if in_kernel else ())]
-    pairs += [(flat, whole_spec(flat)), (block_table, row_spec),
-              (seq_lens, whole_spec(seq_lens)), (k_bits, whole_spec(k_bits)),
-              (v_bits, whole_spec(v_bits))]
-    pairs += [(x, whole_spec(x)) for x in (rot[2:4] if in_kernel else ())]
-    args, in_specs = [a for a, _ in pairs], [sp for _, sp in pairs]
-    out_shape, out_specs = output_specs(s, hkv, group, d, splits,
-                                        q.dtype if in_kernel else jnp.float32)
+    decode = query_start_loc is None
+    if decode:
+        query_start_loc = jnp.arange(n + 1, dtype=jnp.int32)
+    if decode and group <= cfg.block_m:  # one block per sequence
+        n_blocks = n
+        sched = jnp.asarray(np.concatenate([np.arange(n), np.zeros(n)]).astype(np.int32))
+    else:
+        n_blocks = schedule_blocks(n, n_seqs, group, cfg.block_m)
+        sched = paged_schedule(query_start_loc, group, cfg.block_m, n_blocks)
+    rows = n * hq
+    args = [q.reshape(rows, d)] + (list(rot[:2]) if in_kernel else [])
+    args += [kv_cache.reshape(-1, kv_cache.shape[2]), block_table.reshape(-1), seq_lens,
+             query_start_loc, sched, k_table, v_bits]
+    args += list(rot[2:4]) if in_kernel else []
+    out_dt = q.dtype if in_kernel else jnp.float32
+    if splits == 1:
+        out_shape = (jax.ShapeDtypeStruct((rows, d), out_dt),)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((splits * rows, d), jnp.float32),
+                     *(jax.ShapeDtypeStruct((splits * rows,), jnp.float32),) * 2)
     kernel = partial(_attn_kernel, k_tq4=True, v_tq4=True, rot_q=in_kernel, post=in_kernel,
-                     k_lut=k_lut, v_lut=v_lut, has_mask=False, mask_heads=False, causal=False,
-                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=1, sk=max_len, d=d,
-                     paged=paged)
-    outs = pallas_call(kernel, mode=mode, grid=(1, s * hkv, splits), out_shape=out_shape,
-                       in_specs=in_specs, out_specs=out_specs, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages)(*args)
-    return finish(outs, (s, hq, d), q.dtype, None if in_kernel else rot)
+                     k_lut=k_lut, v_lut=v_lut, has_mask=False, mask_heads=False, causal=True,
+                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=n, sk=cap, d=d,
+                     paged=paged, int8_qk=int8_qk)
+    outs = pallas_call(kernel, mode=mode, grid=(n_blocks, hkv, splits), out_shape=out_shape,
+                       in_specs=[whole_spec(x) for x in args],
+                       out_specs=tuple(whole_spec(o) for o in out_shape),
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
+    if splits > 1:
+        outs = (outs[0].reshape(splits, rows, d), outs[1].reshape(splits, rows),
+                outs[2].reshape(splits, rows))
+        outs = (merge_splits(*outs, axis=0),)
+    out = finish(outs, (n, hq, d), q.dtype, None if in_kernel else rot)
+    if decode:
+        return out
+    t = jnp.arange(n)
+    inside = (t >= query_start_loc[0]) & (t < query_start_loc[-1])
+    return jnp.where(inside[:, None, None], out, 0).astype(q.dtype)
 
 
-def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size):
+def _check_cache_size(kv_cache: jnp.ndarray) -> None:
+    if kv_cache.size >= MAX_CACHE_BYTES:
+        raise ValueError(f"kv_cache has {kv_cache.size} bytes: the paged kernel addresses the "
+                         f"cache with 32-bit offsets (< {MAX_CACHE_BYTES}); split the cache "
+                         f"(e.g. one per layer) or use impl='reference'")
+
+
+def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size,
+                  per_token: bool = False):
+    """Argument checks of paged_decode (q [S, H_Q, D]) and paged_prefill (``per_token``:
+    q [N, H_Q, D], S from seq_lens)."""
     q = ck.as_array("q", q)
     ck.check_dtype("q", q, [jnp.float16, jnp.bfloat16])
-    ck.check_ndim("q", q, 3, "[num_seqs, heads_q, head_dim]")
-    s, hq, d = q.shape
+    ck.check_ndim("q", q, 3, "[num_tokens, heads_q, head_dim]" if per_token
+                  else "[num_seqs, heads_q, head_dim]")
+    _, hq, d = q.shape
     if d != head_dim:
         raise ValueError(f"q must have head_dim {head_dim} as its last axis, got {tuple(q.shape)}")
     ck.check_head_dim("q", d)
@@ -207,15 +265,16 @@ def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, bl
         raise ValueError(f"kv_cache must have shape [num_blocks, {block_size}, >= {lay.row_bytes}]"
                          f" for block_size {block_size}, {num_kv_heads} KV heads x head_dim "
                          f"{head_dim}, got {tuple(kv_cache.shape)}")
+    seq_lens = ck.as_array("seq_lens", seq_lens)
+    ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
+    s = seq_lens.shape[0] if per_token and seq_lens.ndim == 1 else q.shape[0]
+    if seq_lens.shape != (s,):
+        raise ValueError(f"seq_lens must have shape ({s},), got {tuple(seq_lens.shape)}")
     block_table = ck.as_array("block_table", block_table)
     ck.check_dtype("block_table", block_table, [jnp.int32])
     if block_table.ndim != 2 or block_table.shape[0] != s or block_table.shape[1] < 1:
         raise ValueError(f"block_table must have shape [{s}, max_blocks], got "
                          f"{tuple(block_table.shape)}")
-    seq_lens = ck.as_array("seq_lens", seq_lens)
-    ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
-    if seq_lens.shape != (s,):
-        raise ValueError(f"seq_lens must have shape ({s},), got {tuple(seq_lens.shape)}")
     return q, kv_cache, block_table, seq_lens
 
 
@@ -245,17 +304,119 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
                                       num_kv_heads=num_kv_heads, head_dim=head_dim,
                                       block_size=block_size, sm_scale=scale,
                                       v_centroids=v_centroids).astype(q.dtype)
-    if kv_cache.size >= MAX_CACHE_BYTES:
-        raise ValueError(f"kv_cache has {kv_cache.size} bytes: the paged kernel addresses the "
-                         f"cache with 32-bit offsets (< {MAX_CACHE_BYTES}); split the cache "
-                         f"(e.g. one per layer) or use impl='reference'")
+    _check_cache_size(kv_cache)
     k_bits, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
     v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
     s, hq, d = q.shape
     cfg = choose_config(s, num_kv_heads, hq // num_kv_heads, block_table.shape[1] * block_size,
                         d, compressed=True)
     paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
-    return _paged_pallas(q, kv_cache, block_table, seq_lens, k_bits, v_bits,
-                         _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
-                         v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
+    return _paged_pallas(q, kv_cache, block_table, seq_lens, None, k_bits, v_bits, _rotation_parts(rotation, q.dtype), paged=paged,
+                         k_lut=k_lut, v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
 
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+# ----------------------------------------------------------------------------------------------
+
+#: ``paged_prefill``'s default for ``use_int8_qk`` (the faster path in bench/paged.py on an
+#: H200; see bench/RESULTS.md).
+INT8_QK_DEFAULT = True
+
+
+def paged_prefill_reference(q, kv_cache, block_table, seq_lens, query_start_loc, centroids,
+                            rotation, *, num_kv_heads: int, head_dim: int, block_size: int,
+                            sm_scale: float | None = None, use_int8_qk: bool = False,
+                            v_centroids=None) -> jnp.ndarray:
+    """Pure-jnp paged prefill (float32 scores whatever ``use_int8_qk`` says). Token t of
+    sequence s (``query_start_loc[s] <= t < query_start_loc[s+1]``) is position
+    ``seq_lens[s] - q_len_s + (t - query_start_loc[s])`` and sees the keys up to it; tokens
+    outside every sequence give zeros. Returns float32 [N, H_Q, D]."""
+    del use_int8_qk
+    (kp, kn), (vp, vn), valid = _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads,
+                                                  head_dim)
+    k = dequantize_reference(kp, kn, centroids, rotation, jnp.float32)
+    v = dequantize_reference(vp, vn, centroids if v_centroids is None else v_centroids,
+                             rotation, jnp.float32)
+    n, cap = q.shape[0], valid.shape[1]
+    t = jnp.arange(n)
+    seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], t, side="right"), 0,
+                   seq_lens.shape[0] - 1)
+    inside = (t >= query_start_loc[0]) & (t < query_start_loc[-1])
+    q_len = query_start_loc[seq + 1] - query_start_loc[seq]
+    seq_len = jnp.clip(seq_lens[seq], 0, cap)
+    at = seq_len - q_len + (t - query_start_loc[seq])
+    keys = jnp.arange(cap)[None, :]
+    visible = inside[:, None] & (keys < seq_len[:, None]) & (keys <= at[:, None])
+    mask = jnp.where(visible, 0.0, -jnp.inf)[:, None, None, :]  # [N, 1, 1, T]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    return attention_reference(q[:, :, None, :], k[seq], v[seq], scale, False, mask)[:, :, 0, :]
+
+
+def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_start_loc: Any,
+                  centroids: Any, rotation: Any, *, num_kv_heads: int, head_dim: int,
+                  block_size: int, sm_scale: float | None = None,
+                  use_int8_qk: bool | None = None, v_centroids: Any = None,
+                  impl: str = "auto") -> jnp.ndarray:
+    """Causal attention of the new tokens of many sequences against a paged TQ4 cache that
+    already holds them (write them with :func:`paged_write` first).
+
+    q [N, H_Q, D] fp16/bf16: the new tokens of every sequence back to back;
+    query_start_loc [S + 1] int32 (cumulative): sequence s owns tokens
+    ``query_start_loc[s]:query_start_loc[s+1]``, its last positions (chunked prefill:
+    ``seq_lens[s]`` counts the cached context plus these tokens). ``use_int8_qk``: Q @ K^T on
+    int8 tensor cores (q quantized per row, K by its codebook's int8 levels; P @ V stays in
+    q's dtype); None = :data:`INT8_QK_DEFAULT`. Returns q's shape and dtype; tokens outside
+    every sequence give zeros.
+    """
+    q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
+                                                       num_kv_heads, head_dim, block_size,
+                                                       per_token=True)
+    qsl = ck.as_array("query_start_loc", query_start_loc)
+    ck.check_dtype("query_start_loc", qsl, [jnp.int32])
+    if qsl.shape != (seq_lens.shape[0] + 1,):
+        raise ValueError(f"query_start_loc must have shape ({seq_lens.shape[0] + 1},) "
+                         f"(num_seqs + 1), got {tuple(qsl.shape)}")
+    use_int8_qk = INT8_QK_DEFAULT if use_int8_qk is None else bool(use_int8_qk)
+    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
+    centroids = ck.check_centroids(centroids)
+    v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
+                                                                           "v_centroids")
+    rotation = ck.check_rotation(rotation, head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    kw = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
+    if resolve_impl(impl) == "reference":
+        return paged_prefill_reference(q, kv_cache, block_table, seq_lens, qsl, centroids,
+                                       rotation, **kw, sm_scale=scale,
+                                       v_centroids=v_centroids).astype(q.dtype)
+    _check_cache_size(kv_cache)
+    if use_int8_qk:
+        k_table, k_lut = _int8_parts(centroids, raw_k)
+    else:
+        k_table, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
+    v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
+    n, hq, d = q.shape
+    s = seq_lens.shape[0]
+    cap = block_table.shape[1] * block_size
+    cfg = choose_config(1, num_kv_heads, max(1, n // s) * (hq // num_kv_heads), cap, d,
+                        compressed=True)
+    paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
+    return _paged_pallas(q, kv_cache, block_table, seq_lens, qsl, k_table, v_bits,
+                         _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
+                         v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode(),
+                         int8_qk=use_int8_qk)
+
+
+def _int8_parts(centroids, raw_centroids) -> tuple[jnp.ndarray, Any]:
+    """K's int8 codebook table (:func:`int8_codebook`) and its static LUT (int8 levels as
+    16-bit patterns) when the codebook is concrete and kernels are compiled."""
+    if kernel_mode().interpret or isinstance(raw_centroids, jax.core.Tracer):
+        return int8_codebook(pad_codebook(centroids)), None
+    c = np.zeros(CODEBOOK_SLOTS, np.float32)
+    c[:np.size(raw_centroids)] = np.asarray(raw_centroids, np.float32).ravel()
+    table = int8_codebook(c, np)
+    lut = tuple(int(x) for x in table[:CODEBOOK_SLOTS].astype(np.int16).view(np.uint16))
+    return jnp.asarray(table), lut

@@ -42,3 +42,11 @@ def lower_to_triton(fn: Callable, *args: Any) -> str:
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     with compiled_kernels(), jax.sharding.use_abstract_mesh(amesh):
         return jax.jit(fn).trace(*structs).lower().as_text()
+
+
+def kernel_jaxpr(fn: Callable, *args: Any) -> str:
+    """The jaxpr text of ``fn`` with compiled (not interpreted) kernels, kernel bodies
+    included: for checking which primitives a kernel uses."""
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    with compiled_kernels():
+        return str(jax.make_jaxpr(fn)(*structs))
