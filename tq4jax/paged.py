@@ -320,8 +320,9 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
 # prefill
 # ----------------------------------------------------------------------------------------------
 
-#: ``paged_prefill``'s default for ``use_int8_qk`` (the faster path in bench/paged.py on an
-#: H200; see bench/RESULTS.md).
+#: ``paged_prefill``'s default for ``use_int8_qk``: the faster path in bench/paged.py (4 x 2K
+#: new tokens on 6K context, H200: int8 5.05-5.07 ms vs fp16 5.20-5.23 ms in two runs). int8
+#: costs accuracy: about 1% relative L2 error against float64 where fp16 stays near 0.3%.
 INT8_QK_DEFAULT = True
 
 
