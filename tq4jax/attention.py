@@ -74,8 +74,9 @@ class Paged(NamedTuple):
 
 
 def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mask: bool,
-                paged: Paged | None):
-    """Kernel refs -> (q refs, k refs, v refs, post-rotation refs, mask ref, output refs)."""
+                paged: Paged | None, has_lens: bool = False):
+    """Kernel refs -> (q refs, k refs, v refs, post-rotation refs, mask ref, lengths ref,
+    output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     q_refs = take(3 if rot_q else 1)   # q (+ Pi^T hi, lo)
@@ -86,7 +87,8 @@ def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mas
         v_refs = take(3 if v_tq4 else 1)
     post_refs = take(2 if post else 0)  # Pi hi, lo
     mask_ref = take(1)[0] if has_mask else None
-    return q_refs, k_refs, v_refs, post_refs, mask_ref, refs
+    lens_ref = take(1)[0] if has_lens else None
+    return q_refs, k_refs, v_refs, post_refs, mask_ref, lens_ref, refs
 
 
 def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -135,23 +137,30 @@ def _quantize_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut, v_lut,
                  has_mask: bool, mask_heads: bool, causal: bool, scale_log2: float, cfg: Config,
                  group: int, sq: int, sk: int, d: int, paged: Paged | None = None,
-                 int8_qk: bool = False):
+                 int8_qk: bool = False, has_lens: bool = False):
     """One program per (row block, batch * KV head, KV split): online softmax over the keys
     of its split. It writes the normalized output (post-rotated when V is compressed and
     D <= 128); with several splits, per split in float32 plus the running max m (log2 units)
     and sum l, for the wrapper's log-sum-exp merge (:func:`merge_splits`).
+
+    ``has_lens``: a [2 * B] int32 ref gives each batch row its key count and the position of
+    its first query (default: Sk keys, the last query at the last key).
 
     Paged source (``paged``): q and the outputs are flat [tokens * HQ, D] (per split
     [splits * tokens * HQ, D]); row block ``i`` of the (static, over-sized) grid serves the
     sequence and first row the schedule (:func:`paged_schedule`) gives it, ``sq`` is the
     token count and ``sk`` the block table's capacity. ``int8_qk``: Q @ K^T on int8 (q per
     row, K by the int8 codebook levels)."""
-    q_refs, k_refs, v_refs, post_refs, mask_ref, o_refs = _split_refs(
-        refs, k_tq4, v_tq4, rot_q, post, has_mask, paged)
+    q_refs, k_refs, v_refs, post_refs, mask_ref, lens_ref, o_refs = _split_refs(
+        refs, k_tq4, v_tq4, rot_q, post, has_mask, paged, has_lens)
     bm, bn = cfg.block_m, cfg.block_n
     blk = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal blocks first
     if paged is None:
         n_rows, shift, seq_len, row0 = group * sq, sk - sq, sk, blk * bm
+        if has_lens:  # per batch row: keys [0, len), query i at position offset + i
+            n_b = lens_ref.shape[0] // 2
+            b = pl.program_id(1) // (pl.num_programs(1) // n_b)
+            seq_len, shift = jnp.clip(lens_ref[b], 0, sk), lens_ref[n_b + b]
         r, r_ok = tile_index(row0, bm, n_rows)
         pos = r // group
         # rows past n_rows keep distinct (masked) indices: interpret mode scatters masked
@@ -346,10 +355,12 @@ def finish(outs, shape: tuple, dtype: Any, rot: tuple | None) -> jnp.ndarray:
 
 
 @partial(jax.jit, static_argnames=("k_lut", "v_lut", "causal", "scale", "cfg", "mode"))
-def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale, cfg, mode):
+def _attn_pallas(q, k_parts, v_parts, rot, mask, lens, *, k_lut, v_lut, causal, scale, cfg,
+                 mode):
     """q [B, HQ, Sq, D]; k/v parts: (x,) dense [B, HKV, Sk, D] or (codes [B, HKV, Sk, D/2],
     norms [B, HKV, Sk], codebook bits [16] uint16); rot: (Pi^T hi, lo, Pi hi, lo) [D, D] in
-    q's dtype, or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk].
+    q's dtype, or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk]; lens: None
+    or int32 [2 * B] (key counts, then first-query positions).
 
     Returns [B, HQ, Sq, D] in q's dtype."""
     b, hq, sq, d = q.shape
@@ -380,13 +391,17 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, *, k_lut, v_lut, causal, scale,
         in_specs.append(pl.BlockSpec((None, None) + mask.shape[2:], lambda r, i, s: (
             i // hkv if bm_ > 1 else 0, i % hkv if mask_heads else 0, 0, 0)))
         args.append(mask)
+    if lens is not None:
+        in_specs.append(whole_spec(lens))
+        args.append(lens)
 
     out_shape, out_specs = output_specs(b, hkv, n_rows, d, splits,
                                         jnp.float32 if v_tq4 and not post else q.dtype)
     kernel = partial(_attn_kernel, k_tq4=k_tq4, v_tq4=v_tq4, rot_q=rot_q, post=post,
                      k_lut=k_lut, v_lut=v_lut,
                      has_mask=mask is not None, mask_heads=mask_heads, causal=causal,
-                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=sq, sk=sk, d=d)
+                     scale_log2=scale * LOG2E, cfg=cfg, group=group, sq=sq, sk=sk, d=d,
+                     has_lens=lens is not None)
     outs = pallas_call(kernel, mode=mode, grid=(pl.cdiv(n_rows, cfg.block_m), b * hkv, splits),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
@@ -429,14 +444,14 @@ def _codes_parts(packed, norms, centroids, raw_centroids, dtype) -> tuple[tuple,
 
 
 def _run(q, k_parts, v_parts, rotation, mask, *, k_lut=None, v_lut=None, causal, scale,
-         cfg=None):
+         cfg=None, lens=None):
     """Run the kernel with :func:`choose_config` unless ``cfg`` is given."""
     b, hq, sq, d = q.shape
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     if cfg is None:
         cfg = choose_config(b, hkv, (hq // hkv) * sq, sk, d, compressed=len(k_parts) == 3)
     rot = None if rotation is None else _rotation_parts(rotation, q.dtype)
-    return _attn_pallas(q, k_parts, v_parts, rot, mask, k_lut=k_lut, v_lut=v_lut,
+    return _attn_pallas(q, k_parts, v_parts, rot, mask, lens, k_lut=k_lut, v_lut=v_lut,
                         causal=causal, scale=scale, cfg=cfg, mode=kernel_mode())
 
 
@@ -545,14 +560,61 @@ def _check_tq4_args(q, k_packed, k_norms, centroids, rotation, sm_scale):
             _check_scale(sm_scale, d))
 
 
+def _check_lengths(kv_lengths: Any, q_offsets: Any, q: jnp.ndarray,
+                   sk: int) -> jnp.ndarray | None:
+    """kv_lengths / q_offsets [B] int -> the kernel's int32 [2 * B] (key counts, then the
+    position of each row's first query; default ``kv_lengths - Sq``), or None."""
+    if kv_lengths is None:
+        if q_offsets is not None:
+            raise ValueError("q_offsets needs kv_lengths")
+        return None
+    b, sq = q.shape[0], q.shape[2]
+    out = []
+    for name, x in (("kv_lengths", kv_lengths), ("q_offsets", q_offsets)):
+        if x is None:
+            out.append(out[0] - sq)
+            continue
+        x = ck.as_array(name, x)
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+        if x.shape != (b,):
+            raise ValueError(f"{name} must have shape ({b},) (one per batch row), "
+                             f"got {tuple(x.shape)}")
+        out.append(x.astype(jnp.int32))
+    return jnp.concatenate(out)
+
+
+def _reference_mask(mask, lens, q: jnp.ndarray, sk: int, causal: bool):
+    """(additive mask, causal) for attention_reference with the lengths of
+    :func:`_check_lengths` folded into the mask."""
+    if lens is None:
+        return mask, causal
+    b, sq = q.shape[0], q.shape[2]
+    kv_len, off = lens[:b, None, None, None], lens[b:, None, None, None]
+    keys, rows = jnp.arange(sk)[None, None, None, :], jnp.arange(sq)[None, None, :, None]
+    visible = keys < kv_len
+    if causal:
+        visible = visible & (keys <= off + rows)
+    extra = jnp.where(visible, 0.0, -jnp.inf)
+    return (extra if mask is None else mask.astype(jnp.float32) + extra), False
+
+
 def _empty_or_none(q: jnp.ndarray, sk: int) -> jnp.ndarray | None:
     if q.shape[2] == 0 or sk == 0 or q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     return None
 
 
+_LENGTHS_DOC = """
+    ``kv_lengths`` [B] int (optional): batch row b sees keys ``[0, kv_lengths[b])`` only (a
+    fixed-capacity cache); ``q_offsets`` [B] int: the position of row b's first query for the
+    causal mask (default ``kv_lengths - Sq``: the last query at the last valid key). Rows with
+    no visible key give zeros."""
+
+
 def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
                     is_causal: bool = False, attention_mask: Any = None, *,
+                    kv_lengths: Any = None, q_offsets: Any = None,
                     impl: str = "auto") -> jnp.ndarray:
     """FlashAttention-2 forward on dense fp16/bf16 K/V with GQA, causal and additive masks.
 
@@ -566,17 +628,20 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
     d, sk = q.shape[-1], k.shape[2]
     scale = _check_scale(sm_scale, d)
     mask = _check_mask(attention_mask, q, sk)
+    lens = _check_lengths(kv_lengths, q_offsets, q, sk)
     empty = _empty_or_none(q, sk)
     if empty is not None:
         return empty
     if resolve_impl(impl) == "reference":
-        return attention_reference(q, k, v, scale, bool(is_causal), mask).astype(q.dtype)
-    return _run(q, (k,), (v,), None, mask, causal=bool(is_causal), scale=scale)
+        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
+        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+    return _run(q, (k,), (v,), None, mask, causal=bool(is_causal), scale=scale, lens=lens)
 
 
 def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
                         rotation: Any, sm_scale: float | None = None, is_causal: bool = False,
-                        *, impl: str = "auto") -> jnp.ndarray:
+                        *, attention_mask: Any = None, kv_lengths: Any = None,
+                        q_offsets: Any = None, impl: str = "auto") -> jnp.ndarray:
     """Attention with TQ4-compressed K (decoded in the kernel) and dense fp16/bf16 V.
 
     k_packed [B, HKV, Sk, D/2] uint8, k_norms [B, HKV, Sk] f32, v [B, HKV, Sk, D],
@@ -587,21 +652,25 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
         q, k_packed, k_norms, centroids, rotation, sm_scale)
     sk = k_packed.shape[2]
     v = _check_dense_kv("v", v, q, sk, k_packed.shape[1])
+    mask = _check_mask(attention_mask, q, sk)
+    lens = _check_lengths(kv_lengths, q_offsets, q, sk)
     empty = _empty_or_none(q, sk)
     if empty is not None:
         return empty
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
-        return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
+        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
+        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
     k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw, q.dtype)
-    return _run(q, k_parts, (v,), rotation, None, k_lut=k_lut, causal=bool(is_causal),
-                scale=scale)
+    return _run(q, k_parts, (v,), rotation, mask, k_lut=k_lut, causal=bool(is_causal),
+                scale=scale, lens=lens)
 
 
 def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
                            centroids: Any, rotation: Any, sm_scale: float | None = None,
                            is_causal: bool = False, v_centroids: Any = None, *,
-                           impl: str = "auto") -> jnp.ndarray:
+                           attention_mask: Any = None, kv_lengths: Any = None,
+                           q_offsets: Any = None, impl: str = "auto") -> jnp.ndarray:
     """Attention with TQ4-compressed K and V, both decoded in the kernel.
 
     Codes [B, HKV, Sk, D/2] uint8, norms [B, HKV, Sk] f32; ``v_centroids`` is V's codebook when
@@ -617,14 +686,21 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
                          f"got {tuple(v_packed.shape)}")
     v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
                                                                            "v_centroids")
+    mask = _check_mask(attention_mask, q, sk)
+    lens = _check_lengths(kv_lengths, q_offsets, q, sk)
     empty = _empty_or_none(q, sk)
     if empty is not None:
         return empty
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
-        return attention_reference(q, k, v, scale, bool(is_causal)).astype(q.dtype)
+        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
+        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
     k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw_k, q.dtype)
     v_parts, v_lut = _codes_parts(v_packed, v_norms, v_centroids, raw_v, q.dtype)
-    return _run(q, k_parts, v_parts, rotation, None, k_lut=k_lut, v_lut=v_lut,
-                causal=bool(is_causal), scale=scale)
+    return _run(q, k_parts, v_parts, rotation, mask, k_lut=k_lut, v_lut=v_lut,
+                causal=bool(is_causal), scale=scale, lens=lens)
+
+
+for _op in (flash_attention, flash_attention_tq4, flash_attention_tq4_kv):
+    _op.__doc__ += _LENGTHS_DOC
