@@ -11,6 +11,8 @@ from .codec import (compress, compress_reference, decompress, decompress_referen
 from .layout import PagedLayout, bytes_per_token_head, paged_layout
 from .paged import (paged_decode, paged_decode_reference, paged_prefill, paged_prefill_reference,
                     paged_write, paged_write_reference)
+from .cache import DenseCache, TQ4Cache, TQ4Spec
+from .nn import dot_product_attention, make_attention_fn
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,5 @@ __all__ = [
     "flash_attention", "flash_attention_tq4", "flash_attention_tq4_kv", "attention_reference",
     "paged_layout", "PagedLayout", "paged_write", "paged_write_reference", "paged_decode",
     "paged_decode_reference", "paged_prefill", "paged_prefill_reference",
+    "TQ4Spec", "TQ4Cache", "DenseCache", "dot_product_attention", "make_attention_fn",
 ]

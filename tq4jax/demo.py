@@ -1,8 +1,13 @@
-"""``python -m tq4jax.demo``: compress a model-sized KV cache and report what it costs.
+"""``python -m tq4jax.demo``: compress a model-sized KV cache, then generate with the example
+Llama-style model on a dense and on a compressed cache, and report what it costs.
 
-Default shape: 32 layers x 8 KV heads x D=128 x 4096 tokens (a Llama-3-8B-like cache) on a GPU;
-scaled down to 4 layers x 1024 tokens on a CPU so it finishes in seconds. Prints bytes before
-and after, reconstruction cosine, and the attention error of the compressed cache.
+Part 1 (codec). Default shape: 32 layers x 8 KV heads x D=128 x 4096 tokens (a Llama-3-8B-like
+cache) on a GPU; 4 layers x 1024 tokens on a CPU. Prints bytes before and after,
+reconstruction cosine, and the attention error of the compressed cache.
+
+Part 2 (generation, :mod:`tq4jax.model`, random weights from a seed). Generates N tokens with
+the dense fp16 cache and with the TQ4 cache, then prints cache bytes, per-layer K/V cosine,
+logits cosine and top-1 agreement (teacher-forced on the dense run's tokens) and tokens/s.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import codebook, codec
+from . import model as llama
 from ._config import on_gpu, resolve_impl
 from .layout import bytes_per_token_head
 
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-tokens", type=int, default=64 if gpu else 16,
+                    help="tokens to generate in part 2 (0: skip it)")
+    ap.add_argument("--prompt-tokens", type=int, default=256 if gpu else 24)
     a = ap.parse_args(argv)
 
     impl = resolve_impl(a.impl)
@@ -90,6 +99,69 @@ def main(argv: list[str] | None = None) -> None:
         errs.append(float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)))
     print(f"attention over the compressed cache ({a.q_heads} query heads, 4 queries per layer): "
           f"relative L2 error mean {np.mean(errs):.4f}, max {np.max(errs):.4f}")
+    if a.gen_tokens > 0:
+        generation_report(a, gpu)
+
+
+def generation_report(a: argparse.Namespace, gpu: bool) -> dict[str, float]:
+    """Part 2: generate with both caches; returns the printed figures."""
+    cfg = (llama.LlamaConfig(vocab_size=2048, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2,
+                             head_dim=128, ffn_dim=2048, dtype="float16") if gpu
+           else llama.LlamaConfig())
+    params = llama.init_params(cfg, a.seed)
+    b, t0, n = 4, a.prompt_tokens, a.gen_tokens
+    rng = np.random.default_rng(a.seed)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t0)), jnp.int32)
+    lens = jnp.asarray([t0] + [int(x) for x in rng.integers(t0 // 2, t0 + 1, b - 1)], jnp.int32)
+    cap = t0 + n
+    print(f"\ngeneration: Llama-style model {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} "
+          f"heads, D={cfg.head_dim}, random weights; batch {b}, ragged prompts up to {t0} tokens, "
+          f"{n} new tokens, greedy")
+    runs = {}
+    for kind in ("dense", "tq4"):
+        gen = lambda: llama.generate(params, prompt, lens, llama.make_cache(  # noqa: E731
+            cfg, b, cap, kind, k_bits=a.bits, v_bits=a.bits), cfg=cfg, n_new=n)
+        jax.block_until_ready(gen())  # compile
+        t_start = time.perf_counter()
+        toks, logits, cache = jax.block_until_ready(gen())
+        runs[kind] = (toks, logits, cache, b * n / (time.perf_counter() - t_start))
+    dense, tq4 = runs["dense"][2], runs["tq4"][2]
+    print(f"cache bytes (capacity {cap}): dense fp16 {dense.nbytes / 2**20:.2f} MiB, TQ4 "
+          f"{tq4.nbytes / 2**20:.2f} MiB ({dense.nbytes / tq4.nbytes:.2f}x smaller)")
+    # teacher-forced: both caches see the dense run's tokens
+    seq = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], 1)
+    seq = jax.vmap(lambda s, t, ln: jax.lax.dynamic_update_slice(s, t, (ln,)))(
+        seq, runs["dense"][0], lens)
+    fwd = jax.jit(llama.forward, static_argnames="cfg")
+    tf = {kind: fwd(params, seq, llama.make_cache(cfg, b, cap, kind), cfg=cfg,
+                    new_lengths=lens + n) for kind in ("dense", "tq4")}
+    lg = {kind: r[0] for kind, r in tf.items()}
+    dense_tf, tq4_tf = tf["dense"][1], tf["tq4"][1]
+    kv_cos = []
+    for layer in range(cfg.n_layers):
+        valid = jnp.arange(cap)[None, :] < dense_tf.lengths[layer][:, None]  # [B, C]
+        pair = []
+        for codes, norms, which, ref in ((tq4_tf.k_codes, tq4_tf.k_norms, "k", dense_tf.k),
+                                         (tq4_tf.v_codes, tq4_tf.v_norms, "v", dense_tf.v)):
+            hat = codec.dequantize(codes[layer], norms[layer], tq4_tf.spec.codebook(which)[0],
+                                   tq4_tf.spec.rotation, jnp.float32)  # [B, H, C, D]
+            c = cosine(jnp.swapaxes(ref[layer], 1, 2), hat)  # [B, H, C]
+            pair.append(float(jnp.sum(jnp.where(valid[:, None], c, 0)) /
+                              (jnp.sum(valid) * c.shape[1])))
+        kv_cos.append(pair)
+    print("per-layer K/V cosine (TQ4 cache vs dense cache, same tokens): " + ", ".join(
+        f"L{i} {k:.4f}/{v:.4f}" for i, (k, v) in enumerate(kv_cos)))
+    at = lens[:, None] - 1 + jnp.arange(n)[None, :]  # positions that predict new tokens
+    pick = lambda x: jnp.take_along_axis(x, at[:, :, None], axis=1)  # noqa: E731
+    ld, lt = pick(lg["dense"]), pick(lg["tq4"])
+    cos = cosine(ld, lt)
+    top1 = float(jnp.mean(jnp.argmax(ld, -1) == jnp.argmax(lt, -1)))
+    print(f"logits (teacher-forced, {b * n} positions): cosine mean {float(jnp.mean(cos)):.4f} "
+          f"min {float(jnp.min(cos)):.4f}; top-1 agreement {top1:.3f}")
+    print(f"tokens/s (prefill + {n} decode steps, batch {b}): dense {runs['dense'][3]:.1f}, "
+          f"TQ4 {runs['tq4'][3]:.1f}")
+    return {"logits_cos_min": float(jnp.min(cos)), "top1": top1,
+            "bytes_ratio": dense.nbytes / tq4.nbytes}
 
 
 if __name__ == "__main__":

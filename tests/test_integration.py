@@ -1,0 +1,189 @@
+"""Model integration: the cache pytrees, the jax.nn drop-in, the example model and generation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tq4jax as tq
+from helpers import rel_l2
+from test_attention import deq, oracle
+from tq4jax import model as llama
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _tokens(rng, b, t, h, d, dtype=jnp.float16):
+    return jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_cache_update_attend_ragged(rng, impl):
+    """Two chunks into a ragged (right-padded) batch, then a decode step: each row's output vs
+    a float64 oracle over that row's stored tokens; bytes vs dense."""
+    b, hq, hkv, d, cap = 3, 8, 2, 64, 40
+    cache = tq.TQ4Cache.create(2, b, hkv, cap, d, v_bits=3)
+    assert cache.nbytes * 3.5 < cache.dense_nbytes() < cache.nbytes * 3.6  # (64+64)/(32+4)
+    rows_k = [[] for _ in range(b)]
+    rows_v = [[] for _ in range(b)]
+    for t, valid in ((7, [7, 3, 0]), (5, [5, 5, 2]), (1, [1, 1, 1])):
+        k, v, q = _tokens(rng, b, t, hkv, d), _tokens(rng, b, t, hkv, d), _tokens(rng, b, t, hq, d)
+        valid = jnp.asarray(valid, jnp.int32)
+        cache = cache.update(1, k, v, valid, impl=impl)
+        out = np.asarray(cache.attend(1, q, valid, impl=impl), np.float32)
+        assert out.shape == (b, t, hq, d) and out.dtype == np.float32
+        for r in range(b):
+            n = int(valid[r])
+            rows_k[r].append(np.asarray(k[r, :n]))
+            rows_v[r].append(np.asarray(v[r, :n]))
+            if n == 0:
+                continue
+            kk = np.concatenate(rows_k[r])  # [L, H, D]
+            vv = np.concatenate(rows_v[r])
+            L = kk.shape[0]
+            assert int(cache.lengths[1][r]) == L
+            kp, kn = tq.compress(kk, cache.spec.rotation, cache.spec.codebook("k")[1],
+                                 impl="reference")
+            vp, vn = tq.compress(vv, cache.spec.rotation, cache.spec.codebook("v")[1],
+                                 impl="reference")
+            k_hat = deq(jnp.swapaxes(kp, 0, 1)[None], jnp.swapaxes(kn, 0, 1)[None],
+                        cache.spec.codebook("k")[0], cache.spec.rotation)
+            v_hat = deq(jnp.swapaxes(vp, 0, 1)[None], jnp.swapaxes(vn, 0, 1)[None],
+                        cache.spec.codebook("v")[0], cache.spec.rotation)
+            qq = jnp.swapaxes(q[r:r + 1, :n], 1, 2)  # [1, HQ, n, D]: the last n positions
+            want = oracle(qq, k_hat, v_hat, 1 / np.sqrt(d), True)[0].swapaxes(0, 1)
+            assert rel_l2(out[r, :n], want) < 1e-2, (r, t)
+    assert int(cache.lengths[0].sum()) == 0  # other layers untouched
+
+
+def test_cache_overflow_is_dropped(rng):
+    cache = tq.TQ4Cache.create(1, 1, 1, 8, 64)
+    cache = cache.update(0, _tokens(rng, 1, 6, 1, 64), _tokens(rng, 1, 6, 1, 64))
+    before = np.asarray(cache.k_codes[0])
+    cache = cache.update(0, _tokens(rng, 1, 5, 1, 64), _tokens(rng, 1, 5, 1, 64))
+    assert int(cache.lengths[0][0]) == 8
+    np.testing.assert_array_equal(np.asarray(cache.k_codes[0])[:, :, :6], before[:, :, :6])
+
+
+def test_jit_decode_no_recompile_and_in_place(rng):
+    """A donated jit-ed step: in place (same buffer), compiled once across steps."""
+    b, hq, hkv, d = 2, 4, 2, 64
+    cache = tq.TQ4Cache.create(1, b, hkv, 32, d)
+
+    def step(cache, q, k, v):
+        out, cache = tq.dot_product_attention(q, k, v, cache=cache, layer=0, is_causal=True)
+        return out, cache
+
+    step = jax.jit(step, donate_argnums=0)
+    ptr = cache.k_codes[0].unsafe_buffer_pointer()
+    for _ in range(4):
+        q, k, v = (_tokens(rng, b, 1, h, d) for h in (hq, hkv, hkv))
+        out, cache = step(cache, q, k, v)
+        assert cache.k_codes[0].unsafe_buffer_pointer() == ptr
+    assert step._cache_size() == 1
+    assert np.all(np.asarray(cache.lengths[0]) == 4)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_drop_in_matches_jax_nn(rng):
+    """Without a cache: jax.nn.dot_product_attention on the dequantized K/V (same mask, bias,
+    top-left causal, kv lengths, query lengths)."""
+    b, t, s, hq, hkv, d = 2, 6, 20, 4, 2, 64
+    q, k, v = _tokens(rng, b, t, hq, d), _tokens(rng, b, s, hkv, d), _tokens(rng, b, s, hkv, d)
+    spec = tq.TQ4Spec(d)
+    deq_btnh = lambda x, which: jnp.swapaxes(tq.dequantize(  # noqa: E731
+        *tq.compress(jnp.swapaxes(x, 1, 2), spec.rotation, spec.codebook(which)[1]),
+        spec.codebook(which)[0], spec.rotation, jnp.float32), 1, 2)
+    kh, vh = deq_btnh(k, "k"), deq_btnh(v, "v")
+    bias = jnp.asarray(rng.standard_normal((b, hq, t, s)), jnp.float32)
+    mask = jnp.asarray(rng.random((b, 1, t, s)) > 0.2)
+    kvl = jnp.asarray([s, 11], jnp.int32)
+    qf = q.astype(jnp.float32)
+    for kw in (dict(), dict(is_causal=True), dict(bias=bias, mask=mask),
+               dict(key_value_seq_lengths=kvl, is_causal=True)):
+        got = tq.dot_product_attention(q, k, v, **kw)
+        want = jax.nn.dot_product_attention(qf, kh, vh, **kw)
+        assert got.dtype == q.dtype and got.shape == q.shape
+        assert rel_l2(got, want) < 1e-2, kw
+        assert np.mean(_cosine(got, jax.nn.dot_product_attention(
+            qf, k.astype(jnp.float32), v.astype(jnp.float32), **kw))) > 0.98
+    got = tq.dot_product_attention(q, k, v, query_seq_lengths=jnp.asarray([6, 2], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got)[1, 2:], 0.0)
+
+
+def test_bad_input(rng):
+    cache = tq.TQ4Cache.create(2, 2, 2, 16, 64)
+    k = _tokens(rng, 2, 3, 2, 64)
+    with pytest.raises(ValueError, match="layer must be in"):
+        cache.update(2, k, k)
+    with pytest.raises(ValueError, match=r"key must have shape \[2, tokens, 2, 64\]"):
+        cache.update(0, k[:, :, :1], k)
+    with pytest.raises(TypeError, match="layer must be a Python int"):
+        jax.jit(lambda c, i: c.update(i, k, k))(cache, 0)
+    with pytest.raises(ValueError, match="mask is not supported with a cache"):
+        tq.dot_product_attention(k, k, k, mask=jnp.ones((2, 1, 3, 3), bool), cache=cache,
+                                 layer=0)
+    with pytest.raises(ValueError, match="layer is required"):
+        tq.dot_product_attention(k, k, k, cache=cache)
+    with pytest.raises(ValueError, match="local_window_size"):
+        tq.dot_product_attention(k, k, k, local_window_size=(2, 0))
+
+
+def _teacher_forced(params, cfg, seq, lens, cap, **cache_kw):
+    out = {}
+    for kind in ("dense", "tq4"):
+        logits, cache = llama.forward(params, seq, llama.make_cache(cfg, seq.shape[0], cap, kind,
+                                                                    **cache_kw), cfg, lens)
+        out[kind] = (np.asarray(logits), cache)
+    return out
+
+
+def test_model_compressed_matches_dense(rng):
+    """Example model, 4-bit: logits cosine >= 0.99 and top-1 agreement vs the dense cache
+    (teacher-forced, ragged batch); K/V stored with cosine ~0.995."""
+    cfg = llama.LlamaConfig()
+    params = llama.init_params(cfg, int(rng.integers(1 << 16)))
+    b, t = 3, 40
+    seq = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    lens = jnp.asarray([40, 23, 31], jnp.int32)
+    out = _teacher_forced(params, cfg, seq, lens, 48)
+    (ld, dense), (lt, tq4) = out["dense"], out["tq4"]
+    valid = np.arange(t)[None, :] < np.asarray(lens)[:, None]
+    cos = _cosine(ld, lt)[valid]
+    assert cos.min() >= 0.99, cos.min()
+    assert (ld.argmax(-1) == lt.argmax(-1))[valid].mean() > 0.9
+    for layer in range(cfg.n_layers):
+        k_hat = tq.dequantize(tq4.k_codes[layer], tq4.k_norms[layer], tq4.spec.codebook("k")[0],
+                              tq4.spec.rotation, jnp.float32)
+        with np.errstate(invalid="ignore"):  # empty (zero) slots past each row's length
+            c = _cosine(np.swapaxes(np.asarray(dense.k[layer]), 1, 2), k_hat)  # [B, H, C]
+        stored = np.arange(c.shape[2])[None, :] < np.asarray(lens)[:, None]  # [B, C]
+        assert c.transpose(0, 2, 1)[stored].mean() > 0.99
+
+
+def test_generate_both_caches(rng, tmp_path):
+    """jit-ed generation (prefill + scan decode) with either cache; saved/loaded weights."""
+    cfg = llama.LlamaConfig(n_layers=1)
+    params = llama.init_params(cfg, 3)
+    llama.save_params(str(tmp_path / "w.npz"), params)
+    loaded = llama.load_params(str(tmp_path / "w.npz"), cfg)
+    assert all(np.array_equal(loaded[k], params[k]) for k in params)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
+    lens = jnp.asarray([10, 6], jnp.int32)
+    res = {}
+    for kind in ("dense", "tq4"):
+        toks, logits, cache = llama.generate(loaded, prompt, lens,
+                                             llama.make_cache(cfg, 2, 24, kind), cfg=cfg,
+                                             n_new=5)
+        assert toks.shape == (2, 5) and logits.shape == (2, 5, cfg.vocab_size)
+        np.testing.assert_array_equal(np.asarray(cache.lengths[0]), np.asarray(lens) + 5)
+        res[kind] = np.asarray(logits)
+    assert _cosine(res["dense"][:, 0], res["tq4"][:, 0]).min() > 0.99  # same prefix
+    bad = dict(params)
+    bad["embed"] = bad["embed"][:, :7]
+    np.savez(tmp_path / "bad.npz", **{k: np.asarray(v) for k, v in bad.items()})
+    with pytest.raises(ValueError, match="'embed' must have shape"):
+        llama.load_params(str(tmp_path / "bad.npz"), cfg)
