@@ -1,0 +1,122 @@
+"""Flax integration: nnx drop-in module, swap/unswap in place, attention_fn for linen and nnx."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+flax = pytest.importorskip("flax")
+from flax import linen, nnx  # noqa: E402
+
+import tq4jax as tq  # noqa: E402
+from tq4jax.flax_attention import (TQ4MultiHeadAttention, swap_attention,  # noqa: E402
+                                   unswap_attention)
+
+KW = dict(num_heads=4, in_features=48, qkv_features=256, num_kv_heads=2)  # D = 64
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.MultiHeadAttention(**KW, decode=True, rngs=rngs)
+                                for _ in range(2)])
+        self.proj = nnx.Linear(48, 48, rngs=rngs)
+
+    def __call__(self, x):
+        for att in self.layers:
+            x = x + att(x)
+        return self.proj(x)
+
+    def init_cache(self, shape):
+        for att in self.layers:
+            att.init_cache(shape)
+
+
+def _decode(model, x):
+    return np.concatenate([np.asarray(model(x[:, t:t + 1])) for t in range(x.shape[1])], 1)
+
+
+def test_drop_in_module_same_params():
+    stock = nnx.MultiHeadAttention(**KW, rngs=nnx.Rngs(0))
+    ours = TQ4MultiHeadAttention(**KW, rngs=nnx.Rngs(0))
+    a, b = nnx.state(stock, nnx.Param), nnx.state(ours, nnx.Param)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 48))
+    np.testing.assert_array_equal(stock(x, decode=False), ours(x, decode=False))
+
+
+def test_swap_decode_and_unswap(rng):
+    """Swap in place keeps the weights; decode mode runs on the compressed cache within 4-bit
+    tolerance of the stock dense cache; a multi-token decode call (prefill chunk) equals
+    token-by-token; unswap restores the stock module."""
+    x = jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.float32)
+    ref = Block(nnx.Rngs(0))
+    ref.init_cache((2, 16, 48))
+    want = _decode(ref, x)
+    model = Block(nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert swap_attention(model) == 2
+    assert all(type(m) is TQ4MultiHeadAttention for m in model.layers)
+    assert all(a is b for a, b in zip(params, jax.tree.leaves(nnx.state(model, nnx.Param))))
+    model.init_cache((2, 16, 48))
+    got = _decode(model, x)
+    assert _cos(got, want) > 0.99
+    assert int(model.layers[0].tq4_lengths[...][0]) == 7
+    model.init_cache((2, 16, 48))
+    chunk = np.asarray(model(x))  # all 7 tokens in one decode call: causal over the cache
+    np.testing.assert_allclose(chunk, got, atol=2e-2, rtol=0)
+    assert unswap_attention(model) == 2
+    assert all(type(m) is nnx.MultiHeadAttention for m in model.layers)
+    assert not hasattr(model.layers[0], "tq4_spec")
+    model.init_cache((2, 16, 48))
+    np.testing.assert_allclose(_decode(model, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_under_nnx_jit(rng):
+    model = Block(nnx.Rngs(0))
+    swap_attention(model)
+    model.init_cache((2, 8, 48))
+    step = nnx.jit(lambda m, x: m(x))
+    x = jnp.asarray(rng.standard_normal((2, 3, 48)), jnp.float32)
+    eager = Block(nnx.Rngs(0))
+    swap_attention(eager)
+    eager.init_cache((2, 8, 48))
+    for t in range(3):
+        np.testing.assert_allclose(step(model, x[:, t:t + 1]), eager(x[:, t:t + 1]),
+                                   atol=2e-2, rtol=0)
+    assert int(model.layers[1].tq4_lengths[...][1]) == 3
+
+
+def test_attention_fn_linen_and_nnx(rng):
+    x = jnp.asarray(rng.standard_normal((2, 11, 48)), jnp.float32)
+    mask = linen.make_causal_mask(jnp.ones((2, 11)))
+    lin = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=256)
+    params = lin.init(jax.random.PRNGKey(0), x)
+    want = lin.apply(params, x, mask=mask)
+    lin_tq = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=256,
+                                                attention_fn=tq.make_attention_fn())
+    got = lin_tq.apply(params, x, mask=mask)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert _cos(got, want) > 0.99
+    stock = nnx.MultiHeadAttention(**KW, rngs=nnx.Rngs(0))
+    ours = nnx.MultiHeadAttention(**KW, attention_fn=tq.make_attention_fn(), rngs=nnx.Rngs(0))
+    x = x[..., :48]
+    assert _cos(ours(x, decode=False), stock(x, decode=False)) > 0.99
+    with pytest.raises(ValueError, match="dropout"):
+        tq.make_attention_fn()(x[:, :, None, :64].repeat(1, 2), x[:, :, None, :64],
+                               x[:, :, None, :64], dropout_rate=0.1, deterministic=False)
+
+
+def test_decode_bad_input():
+    m = TQ4MultiHeadAttention(**KW, decode=True, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 1, 48))
+    with pytest.raises(ValueError, match="init_cache"):
+        m(x)
+    m.init_cache((2, 4, 48))
+    with pytest.raises(ValueError, match="mask is not supported"):
+        m(x, mask=jnp.ones((2, 4, 1, 4), bool))
