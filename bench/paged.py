@@ -51,16 +51,21 @@ def make_case(b: int, ctx: int):
     return q, cache, table, lens, cent, rot, dense(k), dense(v)
 
 
+def _cudnn(res: dict, q, k, v, **kw) -> None:
+    """Time jax cuDNN attention (BTNH) into res["jax cudnn fp16"]; report a failure."""
+    try:
+        res["jax cudnn fp16"] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation="cudnn", **kw)), q, k, v)
+    except Exception as e:  # noqa: BLE001
+        print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
+
+
 def run(b: int, ctx: int) -> dict[str, float]:
     q, cache, table, lens, cent, rot, k, v = make_case(b, ctx)
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     res = {"tq4jax paged_decode": time_ms(jax.jit(
         lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **kw)), q, cache, table, lens)}
-    try:
-        res["jax cudnn fp16"] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q[:, None], k, v, implementation="cudnn")), q, k, v)
-    except Exception as e:  # noqa: BLE001
-        print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
+    _cudnn(res, q[:, None], k, v)
     try:
         import torch
         import torch.nn.functional as F
@@ -94,11 +99,7 @@ def run_prefill(n_seqs: int, new: int, ctx: int) -> dict[str, float]:
             q, c, t, n, l, cent, rot, **kw, use_int8_qk=i)), q, cache, table, lens, qsl)
     qb = q.reshape(n_seqs, new, HQ, D)  # BTNH
     visible = jnp.arange(total)[None, :] <= jnp.arange(new)[:, None] + ctx
-    try:
-        res["jax cudnn fp16"] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, mask=visible[None, None], implementation="cudnn")), qb, k, v)
-    except Exception as e:  # noqa: BLE001
-        print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
+    _cudnn(res, qb, k, v, mask=visible[None, None])
     try:
         import torch
         import torch.nn.functional as F

@@ -237,6 +237,18 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
     return jnp.where(inside[:, None, None], out, 0).astype(q.dtype)
 
 
+def _check_codebooks(centroids, v_centroids, rotation, sm_scale, head_dim):
+    """-> (raw K codebook, raw V codebook (for the static LUTs), checked K and V codebooks,
+    rotation, softmax scale)."""
+    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
+    centroids = ck.check_centroids(centroids)
+    v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
+                                                                           "v_centroids")
+    rotation = ck.check_rotation(rotation, head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    return raw_k, raw_v, centroids, v_centroids, rotation, scale
+
+
 def _check_cache_size(kv_cache: jnp.ndarray) -> None:
     if kv_cache.size >= MAX_CACHE_BYTES:
         raise ValueError(f"kv_cache has {kv_cache.size} bytes: the paged kernel addresses the "
@@ -291,12 +303,8 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
     """
     q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
                                                        num_kv_heads, head_dim, block_size)
-    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
-    centroids = ck.check_centroids(centroids)
-    v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
-                                                                           "v_centroids")
-    rotation = ck.check_rotation(rotation, head_dim)
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    (raw_k, raw_v, centroids, v_centroids, rotation, scale) = _check_codebooks(
+        centroids, v_centroids, rotation, sm_scale, head_dim)
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if resolve_impl(impl) == "reference":
@@ -380,12 +388,8 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
         raise ValueError(f"query_start_loc must have shape ({seq_lens.shape[0] + 1},) "
                          f"(num_seqs + 1), got {tuple(qsl.shape)}")
     use_int8_qk = INT8_QK_DEFAULT if use_int8_qk is None else bool(use_int8_qk)
-    raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
-    centroids = ck.check_centroids(centroids)
-    v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
-                                                                           "v_centroids")
-    rotation = ck.check_rotation(rotation, head_dim)
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    (raw_k, raw_v, centroids, v_centroids, rotation, scale) = _check_codebooks(
+        centroids, v_centroids, rotation, sm_scale, head_dim)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     kw = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
