@@ -338,3 +338,26 @@ def test_cache_over_2gib_is_refused():
             jnp.ones((2, 32, 128), jnp.float16), c, jnp.zeros((2, 4), jnp.int32),
             jnp.ones((2,), jnp.int32), cent, rot, num_kv_heads=8, head_dim=128, block_size=16,
             impl="pallas"), big)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_bytes_outside_sequences_are_never_used(impl):
+    """Row 0 (read by the reference for invalid positions) holds NaN norm bytes: outputs stay
+    finite in decode and prefill."""
+    d, bs = 64, 16
+    lay = tq.paged_layout(1, d)
+    cache = np.full((3, bs, lay.row_bytes), 7, np.uint8)
+    nan = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    cache[0, :, lay.k_norms:lay.k_norms + 4] = nan
+    cache[0, :, lay.v_norms:lay.v_norms + 4] = nan
+    cent, rot = tq.lloyd_max(d, 4)[0], tq.haar_rotation(d)
+    kw = dict(num_kv_heads=1, head_dim=d, block_size=bs, impl=impl)
+    table, lens = jnp.asarray([[1, 2]], jnp.int32), jnp.asarray([5], jnp.int32)
+    q = jnp.ones((1, 2, d), jnp.float16)
+    out = tq.paged_decode(q, jnp.asarray(cache), table, lens, cent, rot, **kw)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    q = jnp.ones((4, 2, d), jnp.float16)
+    out = tq.paged_prefill(q, jnp.asarray(cache), table, lens, jnp.asarray([0, 3], jnp.int32),
+                           cent, rot, **kw)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out)[3], 0.0)

@@ -122,7 +122,8 @@ def paged_write_reference(kv_cache, key, value, slot_mapping, rotation, k_bounda
 
 def _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads, head_dim):
     """Reference gather: codes [S, H, T, D/2] and norms [S, H, T] of K and V for positions
-    T = max_blocks * block_size, and the validity mask [S, T]. Invalid positions read row 0."""
+    T = max_blocks * block_size, and the validity mask [S, T]. Invalid positions read row 0
+    and get norm 0 (never NaN, whatever bytes row 0 holds)."""
     nb, bs, tb = kv_cache.shape
     s, mb = block_table.shape
     lay = paged_layout(num_kv_heads, head_dim)
@@ -140,6 +141,7 @@ def _gather_sequences(kv_cache, block_table, seq_lens, num_kv_heads, head_dim):
         nbytes = data[..., norms_at:norms_at + NORM_BYTES * num_kv_heads]
         norms = lax.bitcast_convert_type(nbytes.reshape(s, mb * bs, num_kv_heads, NORM_BYTES),
                                          jnp.float32)
+        norms = jnp.where(valid[:, :, None], norms, 0.0)  # row 0 may hold garbage (NaN bits)
         return jnp.swapaxes(codes, 1, 2), jnp.swapaxes(norms, 1, 2)
 
     return part(lay.k_codes, lay.k_norms), part(lay.v_codes, lay.v_norms), valid
