@@ -599,6 +599,12 @@ def _reference_mask(mask, lens, q: jnp.ndarray, sk: int, causal: bool):
     return (extra if mask is None else mask.astype(jnp.float32) + extra), False
 
 
+def _reference(q, k, v, scale: float, causal: bool, mask, lens) -> jnp.ndarray:
+    """The reference path of the contiguous ops, lengths folded into the mask; q's dtype."""
+    mask, causal = _reference_mask(mask, lens, q, k.shape[2], causal)
+    return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+
+
 def _empty_or_none(q: jnp.ndarray, sk: int) -> jnp.ndarray | None:
     if q.shape[2] == 0 or sk == 0 or q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -629,12 +635,10 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
     scale = _check_scale(sm_scale, d)
     mask = _check_mask(attention_mask, q, sk)
     lens = _check_lengths(kv_lengths, q_offsets, q, sk)
-    empty = _empty_or_none(q, sk)
-    if empty is not None:
+    if (empty := _empty_or_none(q, sk)) is not None:
         return empty
     if resolve_impl(impl) == "reference":
-        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
-        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+        return _reference(q, k, v, scale, bool(is_causal), mask, lens)
     return _run(q, (k,), (v,), None, mask, causal=bool(is_causal), scale=scale, lens=lens)
 
 
@@ -654,13 +658,11 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     v = _check_dense_kv("v", v, q, sk, k_packed.shape[1])
     mask = _check_mask(attention_mask, q, sk)
     lens = _check_lengths(kv_lengths, q_offsets, q, sk)
-    empty = _empty_or_none(q, sk)
-    if empty is not None:
+    if (empty := _empty_or_none(q, sk)) is not None:
         return empty
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
-        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
-        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+        return _reference(q, k, v, scale, bool(is_causal), mask, lens)
     k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw, q.dtype)
     return _run(q, k_parts, (v,), rotation, mask, k_lut=k_lut, causal=bool(is_causal),
                 scale=scale, lens=lens)
@@ -688,14 +690,12 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
                                                                            "v_centroids")
     mask = _check_mask(attention_mask, q, sk)
     lens = _check_lengths(kv_lengths, q_offsets, q, sk)
-    empty = _empty_or_none(q, sk)
-    if empty is not None:
+    if (empty := _empty_or_none(q, sk)) is not None:
         return empty
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
-        mask, causal = _reference_mask(mask, lens, q, sk, bool(is_causal))
-        return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+        return _reference(q, k, v, scale, bool(is_causal), mask, lens)
     k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw_k, q.dtype)
     v_parts, v_lut = _codes_parts(v_packed, v_norms, v_centroids, raw_v, q.dtype)
     return _run(q, k_parts, v_parts, rotation, mask, k_lut=k_lut, v_lut=v_lut,
