@@ -40,18 +40,21 @@ def run_program(prog, x):
     return [regs["$0"], regs["$1"]]
 
 
+@pytest.mark.parametrize("low_first", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_lut_program_decodes_every_byte(rng, dtype):
-    """Lanes (b0, b0, b1, b1) -> (c[b0 >> 4], c[b0 & 15]) in $0 and the same for b1 in $1."""
+def test_lut_program_decodes_every_byte(rng, dtype, low_first):
+    """Lanes (b0, b0, b1, b1) -> (c[b0 >> 4], c[b0 & 15]) in $0 and the same for b1 in $1
+    (``low_first``: (c[b0 & 15], c[b0 >> 4]), vLLM's order)."""
     cent = np.sort(rng.standard_normal(16)).astype(np.float32)  # arbitrary, asymmetric
     bits = np.asarray(codebook_bits(jnp.asarray(cent), dtype)).astype(np.uint32)
     b = rng.integers(0, 256, (2, 4096)).astype(np.uint32)
     b[:, :256] = [np.arange(256), np.arange(256)[::-1]]  # every byte in both positions
     x = b[0] * 0x0101 + b[1] * 0x01010000
-    words = run_program(lut_program(tuple(int(v) for v in bits)), x)
+    words = run_program(lut_program(tuple(int(v) for v in bits), low_first), x)
+    first, second = (b & 15, b >> 4) if low_first else (b >> 4, b & 15)
     for k in (0, 1):
-        np.testing.assert_array_equal(words[k] & 0xFFFF, bits[b[k] >> 4])
-        np.testing.assert_array_equal(words[k] >> np.uint32(16), bits[b[k] & 15])
+        np.testing.assert_array_equal(words[k] & 0xFFFF, bits[first[k]])
+        np.testing.assert_array_equal(words[k] >> np.uint32(16), bits[second[k]])
 
 
 def test_lut_asm_text():

@@ -85,11 +85,13 @@ def codebook_bits(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
 # and writes 4 16-bit lanes (c[b0 >> 4], c[b0 & 15], c[b1 >> 4], c[b1 & 15]): the decoded
 # tile comes out already interleaved, [rows, D].
 _PAIR_SEL = (0x4051, 0x6273)  # bytes (l1, h1, l0, h0) and (l3, h3, l2, h2) of (rl, rh)
+_PAIR_SEL_LOW_FIRST = (0x5140, 0x7362)  # (l0, h0, l1, h1), (l2, h2, l3, h3): low nibble first
 
 
-def lut_program(bits16: tuple[int, ...]) -> list[tuple]:
+def lut_program(bits16: tuple[int, ...], low_first: bool = False) -> list[tuple]:
     """Straight-line program (op, dst, *srcs) of one asm instance for a static codebook (16
-    uint16 patterns). Ops: mov, shr, and, or (immediate second operand), prmt (a, b, sel)."""
+    uint16 patterns). Ops: mov, shr, and, or (immediate second operand), prmt (a, b, sel).
+    ``low_first``: a byte's low nibble is the earlier coordinate (vLLM's LSB-first order)."""
     plane = lambda shift, i: sum(((bits16[i + j] >> shift) & 0xFF) << (8 * j)  # noqa: E731
                                  for j in range(4))
     prog = [("mov", f"{n}{k}", plane(sh, 4 * k)) for n, sh in (("l", 0), ("h", 8))
@@ -100,13 +102,14 @@ def lut_program(bits16: tuple[int, ...]) -> list[tuple]:
     for n in ("l", "h"):
         prog += [("prmt", "lo", f"{n}0", f"{n}1", "sel"), ("prmt", "hi", f"{n}2", f"{n}3", "sel"),
                  ("prmt", f"r{n}", "lo", "hi", "sel2")]
-    prog += [("prmt", f"${i}", "rl", "rh", _PAIR_SEL[i]) for i in (0, 1)]
+    sel = _PAIR_SEL_LOW_FIRST if low_first else _PAIR_SEL
+    prog += [("prmt", f"${i}", "rl", "rh", sel[i]) for i in (0, 1)]
     return prog
 
 
-def lut_asm(bits16: tuple[int, ...]) -> str:
+def lut_asm(bits16: tuple[int, ...], low_first: bool = False) -> str:
     """PTX text of :func:`lut_program` for ``elementwise_inline_asm`` (pack=4)."""
-    prog = lut_program(bits16)
+    prog = lut_program(bits16, low_first)
     regs = sorted({op[1] for op in prog if not op[1].startswith("$")})
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
     for op, dst, *src in prog:
@@ -116,29 +119,32 @@ def lut_asm(bits16: tuple[int, ...]) -> str:
 
 
 def decode_codes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
-                 lut: tuple[int, ...] | None = None) -> jnp.ndarray:
+                 lut: tuple[int, ...] | None = None, low_first: bool = False) -> jnp.ndarray:
     """uint8 code tile [R, C] -> centroids [R, 2C] in ``dtype``, coordinates in order (even =
-    high nibble first).
+    high nibble first; ``low_first``: even = low nibble).
 
     ``dtype`` fp16/bf16: ``table_ref`` is the :func:`codebook_bits` of the codebook (32 bytes:
-    one memory sector). ``dtype`` int8: ``table_ref`` is an :func:`int8_codebook` table and
-    the result holds the codebook's int8 levels. ``lut`` (the table's 16 16-bit patterns,
-    static) decodes in registers with ``prmt`` (compiled kernels only); otherwise two gathers
-    per byte from ``table_ref``.
+    one memory sector). ``dtype`` float32: ``table_ref`` is the float32 codebook. ``dtype``
+    int8: ``table_ref`` is an :func:`int8_codebook` table and the result holds the codebook's
+    int8 levels. ``lut`` (the table's 16 16-bit patterns, static) decodes in registers with
+    ``prmt`` (compiled kernels only); otherwise two gathers per byte from ``table_ref``.
     """
     int8 = jnp.dtype(dtype) == jnp.int8
     if lut is not None:
         b = lax.bitcast_convert_type(packed, jnp.int8)  # Triton integers are signless
         shape = (packed.shape[0], 2 * packed.shape[1])
         [out] = plgpu.elementwise_inline_asm(
-            lut_asm(lut), args=[interleave(b, b)], constraints="=r,=r,r", pack=4,
+            lut_asm(lut, low_first), args=[interleave(b, b)], constraints="=r,=r,r", pack=4,
             result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int16 if int8 else dtype)])
         return out.astype(jnp.int8) if int8 else out
     hi, lo = split_nibbles(packed)
+    first, second = (lo, hi) if low_first else (hi, lo)
     if int8:
-        return interleave(table_ref[hi], table_ref[lo]).astype(jnp.int32).astype(jnp.int8)
-    return interleave(lax.bitcast_convert_type(table_ref[hi], dtype),
-                      lax.bitcast_convert_type(table_ref[lo], dtype))
+        return interleave(table_ref[first], table_ref[second]).astype(jnp.int32).astype(jnp.int8)
+    if table_ref.dtype == jnp.dtype(dtype):
+        return interleave(table_ref[first], table_ref[second])
+    return interleave(lax.bitcast_convert_type(table_ref[first], dtype),
+                      lax.bitcast_convert_type(table_ref[second], dtype))
 
 
 #: Entry of an :func:`int8_codebook` table that holds the scale.

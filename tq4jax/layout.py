@@ -1,13 +1,15 @@
-"""Layout constants and the pure-jnp pack/unpack helpers of the TQ4 format (LAYOUTS.md family A).
+"""Layout constants and the pure-jnp pack/unpack helpers of both byte layouts (LAYOUTS.md
+family A, turboquant-vllm TQ4; family B, upstream vLLM TurboQuant slots).
 
 One source of truth: kernels, reference paths and tests import these.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 #: ``u = x / (||x|| + NORM_EPS)`` before rotating (turboquant-vllm's epsilon).
 NORM_EPS = 1e-10
@@ -66,3 +68,101 @@ def paged_layout(num_kv_heads: int, head_dim: int) -> PagedLayout:
     codes = num_kv_heads * head_dim // 2
     norms = num_kv_heads * NORM_BYTES
     return PagedLayout(0, codes, codes + norms, 2 * codes + norms, 2 * (codes + norms))
+
+
+# ----------------------------------------------------------------------------------------------
+# Family B: upstream vLLM TurboQuant slots (LAYOUTS.md "Family B")
+# ----------------------------------------------------------------------------------------------
+
+#: ``y = (k / (||k|| + VLLM_NORM_EPS)) @ Pi^T`` on the store side.
+VLLM_NORM_EPS = 1e-8
+#: Norm correction divides the decoded centroid vector by ``sqrt(sum(c^2) + VLLM_NC_EPS)``.
+VLLM_NC_EPS = 1e-16
+#: Smallest value scale (``max(VLLM_MIN_SCALE, (max - min) / (2^bits - 1))``).
+VLLM_MIN_SCALE = 1e-8
+#: Value min/max are clamped to the finite fp16 range before the scale is derived.
+FP16_MAX = 65504.0
+#: Largest finite float8 e4m3fn: fp8 keys saturate here (never NaN for finite inputs).
+FP8_E4M3_MAX = 448.0
+#: Bytes of the fp16 key norm, and of the value scale + zero.
+VLLM_NORM_BYTES = 2
+VLLM_SCALE_ZERO_BYTES = 4
+VLLM_BITS = (3, 4)
+
+
+class VllmSlot(NamedTuple):
+    """Byte layout of one (token, KV head) slot of a vLLM TurboQuant cache.
+
+    ``[0, mse_bytes)`` key codes, LSB-first (or ``[0, head_dim)`` fp8 key bytes), fp16 key
+    norm at ``norm_at``, value codes at ``value_at = key_packed_size``, fp16 value scale at
+    ``scale_at``, fp16 value zero (the vector's min) at ``zero_at``; ``slot_bytes`` is even.
+    """
+    head_dim: int
+    mse_bits: int
+    value_bits: int
+    key_fp8: bool
+    key_packed_size: int
+    mse_bytes: int
+    value_bytes: int
+    slot_bytes: int
+
+    @property
+    def norm_at(self) -> int:
+        return self.mse_bytes
+
+    @property
+    def value_at(self) -> int:
+        return self.key_packed_size
+
+    @property
+    def scale_at(self) -> int:
+        return self.key_packed_size + self.value_bytes
+
+    @property
+    def zero_at(self) -> int:
+        return self.scale_at + VLLM_NORM_BYTES
+
+    @property
+    def key_bytes(self) -> int:
+        """Bytes the key really uses: codes + norm, or the fp8 vector."""
+        return self.head_dim if self.key_fp8 else self.mse_bytes + VLLM_NORM_BYTES
+
+
+def _bits_arg(name: str, bits: Any) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int in {VLLM_BITS}, got {bits!r}")
+    if int(bits) not in VLLM_BITS:
+        raise ValueError(f"{name} must be one of {VLLM_BITS}, got {bits}")
+    return int(bits)
+
+
+def vllm_slot(head_dim: int, mse_bits: int, value_quant_bits: int,
+              key_packed_size: int | None = None, key_fp8: bool = False) -> VllmSlot:
+    """Checked :class:`VllmSlot`. ``key_packed_size`` None: the current vLLM value
+    (``mse_bytes + 2``, or ``head_dim`` for fp8 keys). Raises ValueError for bits outside
+    {3, 4}, a ``key_packed_size`` too small for the key, or a head_dim that 3-bit codes cannot
+    pack into whole bytes (not a multiple of 8)."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) \
+            or head_dim < 8 or head_dim % 2:
+        raise ValueError(f"head_dim must be an even int >= 8, got {head_dim!r}")
+    d = int(head_dim)
+    mse_bits = _bits_arg("mse_bits", mse_bits)
+    vbits = _bits_arg("value_quant_bits", value_quant_bits)
+    for name, b in (("mse_bits", mse_bits), ("value_quant_bits", vbits)):
+        if b == 3 and d % 8 and not (name == "mse_bits" and key_fp8):
+            raise ValueError(f"{name}=3 needs head_dim to be a multiple of 8, got {d}")
+    mse_bytes = -(-d * mse_bits // 8)
+    need = d if key_fp8 else mse_bytes + VLLM_NORM_BYTES
+    if key_packed_size is None:
+        key_packed_size = need
+    if isinstance(key_packed_size, bool) or not isinstance(key_packed_size, (int, np.integer)):
+        raise TypeError(f"key_packed_size must be a Python int, got {key_packed_size!r}")
+    if key_packed_size < need:
+        what = (f"the fp8 key ({d} bytes)" if key_fp8 else
+                f"{mse_bits}-bit codes + fp16 norm ({mse_bytes} + {VLLM_NORM_BYTES} bytes)")
+        raise ValueError(f"key_packed_size {key_packed_size} is too small for {what} at "
+                         f"head_dim {d}")
+    value_bytes = -(-d * vbits // 8)
+    slot = int(key_packed_size) + value_bytes + VLLM_SCALE_ZERO_BYTES
+    return VllmSlot(d, mse_bits, vbits, bool(key_fp8), int(key_packed_size), mse_bytes,
+                    value_bytes, slot + slot % 2)
