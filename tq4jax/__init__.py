@@ -13,6 +13,7 @@ from .paged import (paged_decode, paged_decode_reference, paged_prefill, paged_p
                     paged_write, paged_write_reference)
 from .cache import DenseCache, TQ4Cache, TQ4Spec
 from .nn import dot_product_attention, make_attention_fn
+from . import vllm
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "paged_layout", "PagedLayout", "paged_write", "paged_write_reference", "paged_decode",
     "paged_decode_reference", "paged_prefill", "paged_prefill_reference",
     "TQ4Spec", "TQ4Cache", "DenseCache", "dot_product_attention", "make_attention_fn",
+    "vllm",
 ]

@@ -1,0 +1,156 @@
+"""Upstream vLLM TurboQuant layout (family B): decode at B=8, 32/8 heads, D=128, block 16,
+8K and 32K context, for the four presets, beside torch SDPA fp16 on dense K/V (when torch is
+importable) and tq4jax's paged_decode on the turboquant-vllm layout (family A) of the same
+tokens. Also: stage 1 alone (the split merge's cost), the store and full_dequant_kv.
+
+    PYTHONPATH=. python3 bench/vllm_layout.py [--quick] [--sweep]
+
+``--sweep`` times decode configurations (splits x block_n x warps) of turboquant_4bit_nc at
+32K and prints them best first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tq4jax as tq  # noqa: E402
+from tq4jax import vllm as V  # noqa: E402
+from _timing import copy_bandwidth_gbs, device_line, time_ms  # noqa: E402
+from attention import torch_ms  # noqa: E402
+
+B, HQ, HKV, D, BS = 8, 32, 8, 128, 16
+
+
+def make_tokens(ctx: int):
+    """Dense fp16 K/V [B, ctx, HKV, D] (BTNH), queries, a shuffled block table, slots."""
+    kq, kk, kv, kp = jax.random.split(jax.random.PRNGKey(ctx), 4)
+    per_seq = ctx // BS
+    table = jax.random.permutation(kp, B * per_seq).astype(jnp.int32).reshape(B, per_seq)
+    k = jax.random.normal(kk, (B, ctx, HKV, D), jnp.float16)
+    v = jax.random.normal(kv, (B, ctx, HKV, D), jnp.float16)
+    t = jnp.arange(ctx)
+    slots = (table[:, t // BS] * BS + t % BS).reshape(-1)
+    q = jax.random.normal(kq, (B, HQ, D), jnp.float16)
+    return q, k, v, table, slots, jnp.full((B,), ctx, jnp.int32)
+
+
+def store_case(pr: V.TurboQuantPreset, k, v, slots, pi, cent):
+    cache = jnp.zeros(pr.cache_shape(slots.shape[0] // BS, BS, HKV), jnp.uint8)
+    store = jax.jit(lambda c, k, v, s: V.turboquant_store(c, k, v, s, pi, cent,
+                                                          **pr.store_kwargs()),
+                    donate_argnums=0)
+    kk, vv = k.reshape(-1, HKV, D), v.reshape(-1, HKV, D)
+    cache = store(cache, kk, vv, slots)
+    store_ms = time_ms(lambda: store(jnp.zeros_like(cache), kk, vv, slots), iters=3, reps=3)
+    return cache, store_ms
+
+
+def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
+    if stage1_only:
+        lay = tq.layout.vllm_slot(D, pr.mse_bits, pr.value_quant_bits, pr.key_packed_size,
+                                  pr.key_fp8)
+        table, lut = tq.attention._codebook_parts(jnp.asarray(cent), cent, jnp.float16)
+        rot = jnp.asarray(pi)
+        return lambda q, c, t, n: V._decode_pallas(
+            q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,
+            v_lut=V._value_table(jnp.float16)[1], scale=D ** -0.5, splits=splits,
+            cfg=cfg or V.DecodeConfig(), mode=tq._config.kernel_mode(), stage1_only=True)
+    return jax.jit(lambda q, c, t, n: V.turboquant_decode(
+        q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), max_num_kv_splits=splits,
+        config=cfg))
+
+
+def baselines(ctx: int, q, k, v, table, slots, lens) -> dict[str, float]:
+    res = {}
+    rot = tq.haar_rotation(D)
+    cent, bnd = tq.lloyd_max(D, 4)
+    lay = tq.paged_layout(HKV, D)
+    cache = jnp.zeros((B * ctx // BS, BS, lay.row_bytes), jnp.uint8)
+    cache = jax.jit(lambda c, k, v, s: tq.paged_write(c, k, v, s, rot, bnd))(
+        cache, k.reshape(-1, HKV, D), v.reshape(-1, HKV, D), slots)
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    res["family A paged_decode"] = time_ms(jax.jit(
+        lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **kw)), q, cache, table, lens)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return res
+    t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
+    tq_, tk, tv = t(q)[:, :, None], t(k).transpose(1, 2), t(v).transpose(1, 2)
+    res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
+        tq_, tk, tv, enable_gqa=True))
+    return res
+
+
+def sweep(q, k, v, table, slots, lens) -> None:
+    pr = V.preset("turboquant_4bit_nc", D)
+    pi = tq.hadamard_rotation(D, seed=1)
+    cent, _ = tq.lloyd_max(D, 4)
+    cache, _ = store_case(pr, k, v, slots, pi, cent)
+    rows = []
+    for splits in (16, 32, 64):
+        for bn in (32, 64, 128):
+            for nw in (2, 4, 8):
+                cfg = V.DecodeConfig(bn, nw, 2)
+                try:
+                    ms = time_ms(decode_fn(pr, pi, cent, splits, cfg), q, cache, table, lens)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  splits {splits} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                rows.append((ms, splits, cfg))
+    print("\n# sweep: turboquant_4bit_nc decode, B=8, 32K\n\n| ms | splits | block_n | warps |"
+          "\n|---|---|---|---|")
+    for ms, splits, cfg in sorted(rows, key=lambda r: r[0]):
+        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    a = ap.parse_args()
+    copy = copy_bandwidth_gbs()
+    print(f"# vLLM-layout decode bench: {device_line()}; B={B}, {HQ}/{HKV} heads, D={D}, "
+          f"block {BS}; copy bandwidth {copy:.0f} GB/s")
+    rows = []
+    for ctx in ((8192,) if a.quick else (8192, 32768)):
+        q, k, v, table, slots, lens = make_tokens(ctx)
+        if a.sweep and ctx == 32768:
+            sweep(q, k, v, table, slots, lens)
+        base = baselines(ctx, q, k, v, table, slots, lens)
+        for name in V.PRESETS:
+            pr = V.preset(name, D)
+            pi = tq.hadamard_rotation(D, seed=1)
+            cent, _ = tq.lloyd_max(D, pr.mse_bits)
+            cache, store_ms = store_case(pr, k, v, slots, pi, cent)
+            ms = time_ms(decode_fn(pr, pi, cent), q, cache, table, lens)
+            s1 = time_ms(decode_fn(pr, pi, cent, stage1_only=True), q, cache, table, lens)
+            deq = jax.jit(lambda c, t, n, pr=pr, cent=cent: V.full_dequant_kv(
+                c, t, n, cent, **pr.dequant_kwargs()))
+            deq_ms = time_ms(deq, cache, table, lens, iters=5, reps=3)
+            rows.append((name, ctx, pr.slot_bytes, ms, s1, store_ms, deq_ms, base))
+            del cache
+    print("\n| preset | context | slot B | decode ms | stage 1 ms | GB/s | of copy | "
+          "SDPA fp16 ms | SDPA / tq4jax | ceiling | family A ms | store ms | dequant ms |")
+    print("|---" * 13 + "|")
+    for name, ctx, sb, ms, s1, st, dq, base in rows:
+        gbs = B * HKV * ctx * sb / (ms * 1e-3) / 1e9
+        sd = base.get("torch SDPA fp16", float("nan"))
+        print(f"| {name} | {ctx} | {sb} | {ms:.3f} | {s1:.3f} | {gbs:.0f} | {gbs / copy:.0%} | "
+              f"{sd:.3f} | {sd / ms:.2f}x | {2 * 2 * D / sb:.2f}x | "
+              f"{base['family A paged_decode']:.3f} | {st:.2f} | {dq:.2f} |")
+    print(f"\nms, median. GB/s counts the slot bytes read once; ceiling = 512 / slot bytes (a "
+          f"perfect kernel vs a perfect fp16 one). store: {B}x context tokens x {HKV} heads; "
+          f"dequant: the whole context to fp16 K/V.")
+
+
+if __name__ == "__main__":
+    main()
