@@ -58,10 +58,10 @@ def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
                                   pr.key_fp8)
         table, lut = tq.attention._codebook_parts(jnp.asarray(cent), cent, jnp.float16)
         rot = jnp.asarray(pi)
-        return lambda q, c, t, n: V._decode_pallas(
+        return jax.jit(lambda q, c, t, n: V._decode_pallas(
             q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,
             v_lut=V._value_table(jnp.float16)[1], scale=D ** -0.5, splits=splits,
-            cfg=cfg or V.DecodeConfig(), mode=tq._config.kernel_mode(), stage1_only=True)
+            cfg=cfg or V.default_config(D), mode=tq._config.kernel_mode(), stage1_only=True))
     return jax.jit(lambda q, c, t, n: V.turboquant_decode(
         q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), max_num_kv_splits=splits,
         config=cfg))
@@ -96,20 +96,19 @@ def sweep(q, k, v, table, slots, lens) -> None:
     cent, _ = tq.lloyd_max(D, 4)
     cache, _ = store_case(pr, k, v, slots, pi, cent)
     rows = []
-    for splits in (16, 32, 64):
-        for bn in (32, 64, 128):
-            for nw in (2, 4, 8):
-                cfg = V.DecodeConfig(bn, nw, 2)
-                try:
-                    ms = time_ms(decode_fn(pr, pi, cent, splits, cfg), q, cache, table, lens)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  splits {splits} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-                    continue
-                rows.append((ms, splits, cfg))
-    print("\n# sweep: turboquant_4bit_nc decode, B=8, 32K\n\n| ms | splits | block_n | warps |"
-          "\n|---|---|---|---|")
+    for splits in (16, 32):
+        for bn, nw, pf in [(b, w, f) for b in (64, 128) for w in (4, 8) for f in (True, False)]:
+            cfg = V.DecodeConfig(bn, nw, 2, pf)
+            try:
+                ms = time_ms(decode_fn(pr, pi, cent, splits, cfg), q, cache, table, lens)
+            except Exception as e:  # noqa: BLE001
+                print(f"  splits {splits} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            rows.append((ms, splits, cfg))
+    print("\n# sweep: turboquant_4bit_nc decode, B=8, 32K\n\n| ms | splits | block_n | warps "
+          "| prefetch |\n|---|---|---|---|---|")
     for ms, splits, cfg in sorted(rows, key=lambda r: r[0]):
-        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} |")
+        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} | {cfg.prefetch} |")
 
 
 def main():

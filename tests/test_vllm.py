@@ -271,7 +271,8 @@ def test_store_decode_round_trip(rng, name, d, dtype):
 
 def test_decode_splits_lengths_and_garbage_tables(rng):
     """Many splits (most empty), a zero-length sequence, a length past the table, and
-    block ids out of range: finite, equal to the reference (which clamps the same way)."""
+    block ids out of range: finite, equal to the reference (which clamps the same way).
+    Short key tiles run the prefetching loop over several whole tiles, and without it."""
     pr = V.preset("turboquant_4bit_nc", 64)
     c, _ = tq.lloyd_max(64, 4)
     pi = tq.haar_rotation(64, seed=5)
@@ -281,9 +282,10 @@ def test_decode_splits_lengths_and_garbage_tables(rng):
     bt[3, 2] = -7
     seq = np.array([30, 0, 5, 10_000], np.int32)  # 0: zeros; huge: clipped to the table
     q = jnp.asarray(rng.standard_normal((4, 4, 64)), jnp.float16)
-    for splits in (1, 3, 64):
+    configs = [None, V.DecodeConfig(block_n=16), V.DecodeConfig(block_n=16, prefetch=False)]
+    for splits, cfg in [(1, None), (3, None), (64, None), (1, configs[1]), (2, configs[2])]:
         out = V.turboquant_decode(q, cache, bt, seq, pi, c, 0.125, **pr.decode_kwargs(),
-                                  max_num_kv_splits=splits, impl="pallas")
+                                  max_num_kv_splits=splits, impl="pallas", config=cfg)
         ref = V.turboquant_decode_reference(q, cache, bt, seq, pi, c, 0.125,
                                             **pr.decode_kwargs())
         assert np.isfinite(np.asarray(out, np.float32)).all()

@@ -38,7 +38,8 @@ from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import (codebook_bits, decode_codes, dot_split, load_tile, split16, store_rows,
                      store_tile, tile_index)
-from .attention import LOG2E, M_INIT, _codebook_parts, attention_reference
+from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts,
+                        attention_reference)
 from .codec import bucketize
 from .layout import (CODEBOOK_SLOTS, FP8_E4M3_MAX, FP16_MAX, VLLM_MIN_SCALE, VLLM_NC_EPS,
                      VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, pad_codebook, vllm_slot)
@@ -141,17 +142,21 @@ def _midpoints(centroids: jnp.ndarray) -> jnp.ndarray:
     return 0.5 * (centroids[:-1] + centroids[1:])
 
 
-def _value_quantize(v: jnp.ndarray, bits: int, valid: jnp.ndarray | None = None):
-    """float32 rows [..., D] -> (codes int32, scale, zero): per-row min/max clamped to the
-    fp16 range, ``scale = max(1e-8, (max - min) / (2^bits - 1))``,
-    ``code = clamp(floor((v - min) / scale + 0.5))``. ``valid`` masks padded columns."""
+def _value_stats(v: jnp.ndarray, bits: int, valid: jnp.ndarray | None = None):
+    """float32 rows [..., D] -> (scale, zero): per-row min/max clamped to the fp16 range,
+    ``scale = max(1e-8, (max - min) / (2^bits - 1))``, zero = min. ``valid`` masks padded
+    columns."""
     lo_in = v if valid is None else jnp.where(valid, v, jnp.inf)
     hi_in = v if valid is None else jnp.where(valid, v, -jnp.inf)
     vmin = jnp.maximum(jnp.min(lo_in, axis=-1), -FP16_MAX)
     vmax = jnp.minimum(jnp.max(hi_in, axis=-1), FP16_MAX)
-    scale = jnp.maximum((vmax - vmin) / float((1 << bits) - 1), VLLM_MIN_SCALE)
-    code = jnp.floor((v - vmin[..., None]) / scale[..., None] + 0.5)
-    return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32), scale, vmin
+    return jnp.maximum((vmax - vmin) / float((1 << bits) - 1), VLLM_MIN_SCALE), vmin
+
+
+def _value_codes(v: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray, bits: int):
+    """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32."""
+    code = jnp.floor((v - zero[..., None]) / scale[..., None] + 0.5)
+    return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
 
 
 def _slots_reference(key, value, rotation, centroids, lay: VllmSlot) -> jnp.ndarray:
@@ -168,7 +173,8 @@ def _slots_reference(key, value, rotation, centroids, lay: VllmSlot) -> jnp.ndar
                        precision=lax.Precision.HIGHEST)
         idx = jnp.sum(y[..., None] >= _midpoints(centroids), axis=-1)
         kpart = [pack_bits(idx, lay.mse_bits), _fp16_bytes(norm)]
-    code, scale, zero = _value_quantize(vf, lay.value_bits)
+    scale, zero = _value_stats(vf, lay.value_bits)
+    code = _value_codes(vf, scale, zero, lay.value_bits)
     parts = kpart + [zeros(lay.key_packed_size - lay.key_bytes), pack_bits(code, lay.value_bits),
                      _fp16_bytes(scale), _fp16_bytes(zero),
                      zeros(lay.slot_bytes - lay.zero_at - VLLM_NORM_BYTES)]
@@ -215,43 +221,75 @@ def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     return cols, (None if next_pow2(width) == width else ok)
 
 
-def _fp16_field(cache_ref, rows, rmask, at: int) -> jnp.ndarray:
-    """The fp16 at byte ``at`` of slots ``rows`` -> float32 [R] (masked rows: 0)."""
-    two = jnp.arange(2, dtype=jnp.int32)
-    b = load_tile(cache_ref, rows, rmask, at + two, None).astype(jnp.int32)
-    word = jnp.sum(b << (8 * two)[None, :], axis=1)
+def _fetch_fp16(cache_ref, rows, rmask, at: int) -> jnp.ndarray:
+    """The 2 bytes at ``at`` of slots ``rows``: uint8 [R, 2] (masked rows: 0)."""
+    return load_tile(cache_ref, rows, rmask, at + jnp.arange(2, dtype=jnp.int32), None)
+
+
+def _fp16_from_raw(raw: jnp.ndarray) -> jnp.ndarray:
+    """uint8 [R, 2] (little-endian fp16) -> float32 [R]."""
+    word = jnp.sum(raw.astype(jnp.int32) << (8 * jnp.arange(2, dtype=jnp.int32))[None, :],
+                   axis=1)
     return lax.bitcast_convert_type(word.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
 
 
-def _code_bytes(cache_ref, rows, rmask, at: int, bits: int, d: int) -> jnp.ndarray:
-    """Codes of slots ``rows`` (LSB-first stream at byte ``at``) as uint8 [R, next_pow2(D/2)]:
-    byte m holds coordinate 2m in its low nibble and 2m+1 in its high one (4-bit codes are
-    stored that way already; 3-bit codes are cut from 16-bit windows of two byte gathers)."""
+def _fetch_codes(cache_ref, rows, rmask, at: int, bits: int, d: int) -> tuple:
+    """Raw bytes of the LSB-first code stream at ``at``: one [R, Hp] tile for 4-bit codes
+    (Hp = next_pow2(D/2)); for 3-bit codes, the two bytes of the 16-bit window of each even
+    and each odd coordinate (4 gathers)."""
     hcols, h_ok = _columns(d // 2)
     if bits == 4:
-        return load_tile(cache_ref, rows, rmask, at + hcols, h_ok)
-
-    def code(first_bit):
-        byte, shift = first_bit >> 3, first_bit & 7
-        lo = load_tile(cache_ref, rows, rmask, at + byte, h_ok).astype(jnp.int32)
-        hi = load_tile(cache_ref, rows, rmask, at + byte + 1, h_ok).astype(jnp.int32)
-        return ((lo | (hi << 8)) >> shift[None, :]) & ((1 << bits) - 1)
-
-    return (code(2 * bits * hcols) | (code(2 * bits * hcols + bits) << 4)).astype(jnp.uint8)
+        return (load_tile(cache_ref, rows, rmask, at + hcols, h_ok),)
+    tiles = []
+    for first in (2 * bits * hcols, 2 * bits * hcols + bits):
+        byte = at + (first >> 3)
+        tiles += [load_tile(cache_ref, rows, rmask, byte, h_ok),
+                  load_tile(cache_ref, rows, rmask, byte + 1, h_ok)]
+    return tuple(tiles)
 
 
-def _key_tile(cache_ref, rows, rmask, lay: VllmSlot, table_ref, dt, lut, nc: bool):
-    """Keys of slots ``rows`` -> (k [R, Dp] in ``dt``, per-key factor f32 [R] or None):
-    rotated-space centroids times the factor (the fp16 norm, divided by the centroid vector's
-    own norm with ``nc``), or the raw fp8 key (factor None)."""
-    cols, c_ok = _columns(lay.head_dim)
+def _codes_from_raw(raw: tuple, bits: int, d: int) -> jnp.ndarray:
+    """:func:`_fetch_codes` tiles -> uint8 [R, Hp]: byte m holds coordinate 2m in its low
+    nibble and 2m+1 in its high one."""
+    if bits == 4:
+        return raw[0]
+    hcols, _ = _columns(d // 2)
+
+    def code(lo, hi, first):
+        word = lo.astype(jnp.int32) | (hi.astype(jnp.int32) << 8)
+        return (word >> (first & 7)[None, :]) & ((1 << bits) - 1)
+
+    even = code(raw[0], raw[1], 2 * bits * hcols)
+    odd = code(raw[2], raw[3], 2 * bits * hcols + bits)
+    return (even | (odd << 4)).astype(jnp.uint8)
+
+
+def _fetch_slots(cache_ref, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
+    """Every byte decode needs from slots ``rows``: (key tiles, value tiles)."""
+    d = lay.head_dim
     if lay.key_fp8:
-        raw = load_tile(cache_ref, rows, rmask, cols, c_ok)
-        return lax.bitcast_convert_type(raw, jnp.float8_e4m3fn).astype(dt), None
-    codes = _code_bytes(cache_ref, rows, rmask, 0, lay.mse_bits, lay.head_dim)
+        cols, c_ok = _columns(d)
+        key = (load_tile(cache_ref, rows, rmask, cols, c_ok),)
+    else:
+        key = (*_fetch_codes(cache_ref, rows, rmask, 0, lay.mse_bits, d),
+               _fetch_fp16(cache_ref, rows, rmask, lay.norm_at))
+    val = (*_fetch_codes(cache_ref, rows, rmask, lay.value_at, lay.value_bits, d),
+           _fetch_fp16(cache_ref, rows, rmask, lay.scale_at),
+           _fetch_fp16(cache_ref, rows, rmask, lay.zero_at))
+    return key, val
+
+
+def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, lut, nc: bool):
+    """Key tiles -> (k [R, Dp] in ``dt``, per-key factor f32 [R] or None): rotated-space
+    centroids times the factor (the fp16 norm, divided by the centroid vector's own norm with
+    ``nc``), or the raw fp8 key (factor None)."""
+    if lay.key_fp8:
+        return lax.bitcast_convert_type(raw[0], jnp.float8_e4m3fn).astype(dt), None
+    codes = _codes_from_raw(raw[:-1], lay.mse_bits, lay.head_dim)
     c = decode_codes(table_ref, codes, dt, lut, low_first=True)
-    norm = _fp16_field(cache_ref, rows, rmask, lay.norm_at)
+    norm = _fp16_from_raw(raw[-1])
     if nc:
+        cols, c_ok = _columns(lay.head_dim)
         cf = c.astype(jnp.float32)
         if c_ok is not None:  # padded coordinates decode c[0]
             cf = jnp.where(c_ok[None, :], cf, 0.0)
@@ -259,12 +297,11 @@ def _key_tile(cache_ref, rows, rmask, lay: VllmSlot, table_ref, dt, lut, nc: boo
     return c, norm
 
 
-def _value_tile(cache_ref, rows, rmask, lay: VllmSlot, table_ref, dt, lut):
-    """Values of slots ``rows`` -> (integer levels [R, Dp] in ``dt``, scale [R], zero [R])."""
-    codes = _code_bytes(cache_ref, rows, rmask, lay.value_at, lay.value_bits, lay.head_dim)
+def _value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, lut):
+    """Value tiles -> (integer levels [R, Dp] in ``dt``, scale f32 [R], zero f32 [R])."""
+    codes = _codes_from_raw(raw[:-2], lay.value_bits, lay.head_dim)
     levels = decode_codes(table_ref, codes, dt, lut, low_first=True)
-    return (levels, _fp16_field(cache_ref, rows, rmask, lay.scale_at),
-            _fp16_field(cache_ref, rows, rmask, lay.zero_at))
+    return levels, _fp16_from_raw(raw[-2]), _fp16_from_raw(raw[-1])
 
 
 def _slot_rows(bt_ref, bt_base, pos, pmask, block_size: int, hkv: int, head, n_blocks: int):
@@ -323,11 +360,21 @@ def _store_bytes(out_ref, rows, rmask, at: int, n: int, val: jnp.ndarray | None)
 
 
 def _store_kernel(k_ref, v_ref, rth_ref, rtl_ref, mid_ref, out_ref, *, lay: VllmSlot,
-                  block_rows: int):
-    """One program per ``block_rows`` (token, head) rows: their whole slots, padding zeroed."""
+                  block_rows: int, chunk: int):
+    """One program per ``block_rows`` (token, head) rows: their whole slots, padding zeroed.
+    Coordinates are rotated, quantized and packed ``chunk`` at a time (``chunk * bits / 8``
+    whole bytes), so the rotation's shared-memory tiles stay [Dp, chunk]."""
     n, d = k_ref.shape
+    dp = rth_ref.shape[0]
     rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
     cols, c_ok = _columns(d)
+
+    def chunks(bits: int):  # (column slice, column indices and mask, byte offset, bytes)
+        per = chunk * bits // 8
+        for j in range(dp // chunk):
+            ccols, cc_ok = tile_index(j * chunk, chunk, d)
+            yield pl.ds(j * chunk, chunk), ccols, cc_ok, j * per, per
+
     k = load_tile(k_ref, rows, rmask, cols, c_ok).astype(jnp.float32)
     if lay.key_fp8:
         k8 = jnp.clip(k, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
@@ -335,16 +382,20 @@ def _store_kernel(k_ref, v_ref, rth_ref, rtl_ref, mid_ref, out_ref, *, lay: Vllm
     else:
         norm = jnp.sqrt(jnp.sum(k * k, axis=1))
         u_hi, u_lo = split16(k / (norm + VLLM_NORM_EPS)[:, None])
-        rt_hi, rt_lo = (load_tile(r, cols, c_ok, cols, c_ok) for r in (rth_ref, rtl_ref))
-        idx = bucketize(dot_split(u_hi, u_lo, rt_hi, rt_lo), mid_ref, mid_ref.shape[0])
-        _store_bytes(out_ref, rows, rmask, 0, lay.mse_bytes,
-                     _pack_tile(idx, lay.mse_bits, lay.mse_bytes))
+        for sl, _, _, at, per in chunks(lay.mse_bits):
+            y = dot_split(u_hi, u_lo, rth_ref[:, sl], rtl_ref[:, sl])
+            idx = bucketize(y, mid_ref, mid_ref.shape[0])
+            _store_bytes(out_ref, rows, rmask, at, min(per, lay.mse_bytes - at),
+                         _pack_tile(idx, lay.mse_bits, per))
         _store_fp16(out_ref, rows, rmask, lay.norm_at, norm)
     _store_bytes(out_ref, rows, rmask, lay.key_bytes, lay.key_packed_size - lay.key_bytes, None)
     v = load_tile(v_ref, rows, rmask, cols, c_ok).astype(jnp.float32)
-    code, scale, zero = _value_quantize(v, lay.value_bits, None if c_ok is None else c_ok[None, :])
-    _store_bytes(out_ref, rows, rmask, lay.value_at, lay.value_bytes,
-                 _pack_tile(code, lay.value_bits, lay.value_bytes))
+    scale, zero = _value_stats(v, lay.value_bits, None if c_ok is None else c_ok[None, :])
+    for _, ccols, cc_ok, at, per in chunks(lay.value_bits):
+        vc = load_tile(v_ref, rows, rmask, ccols, cc_ok).astype(jnp.float32)
+        code = _value_codes(vc, scale, zero, lay.value_bits)
+        _store_bytes(out_ref, rows, rmask, lay.value_at + at, min(per, lay.value_bytes - at),
+                     _pack_tile(code, lay.value_bits, per))
     _store_fp16(out_ref, rows, rmask, lay.scale_at, scale)
     _store_fp16(out_ref, rows, rmask, lay.zero_at, zero)
     end = lay.zero_at + VLLM_NORM_BYTES
@@ -363,7 +414,8 @@ def _store_pallas(key, value, rotation, centroids, *, lay: VllmSlot, mode):
     rt = jnp.pad(rotation.T, ((0, dp - d), (0, dp - d)))
     mids = _midpoints(centroids)
     br, nw = STORE_TILING
-    return pallas_call(partial(_store_kernel, lay=lay, block_rows=br), mode=mode,
+    return pallas_call(partial(_store_kernel, lay=lay, block_rows=br, chunk=min(dp, 64)),
+                       mode=mode,
                        grid=(pl.cdiv(r, br),),
                        out_shape=jax.ShapeDtypeStruct((r, lay.slot_bytes), jnp.uint8),
                        num_warps=nw, num_stages=1)(key, value, *split16(rt), mids)
@@ -477,10 +529,19 @@ def turboquant_store_reference(kv_cache, key, value, slot_mapping, Pi, centroids
 # ----------------------------------------------------------------------------------------------
 
 class DecodeConfig(NamedTuple):
-    """Static tiling of the decode kernel."""
-    block_n: int = 64
+    """Static tiling of the decode kernel. ``prefetch``: each whole key tile loads the next
+    tile's bytes before decoding its own (register double buffering: the loads are gathers
+    through the block table, which Triton's pipeliner does not stage)."""
+    block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = True
+
+
+def default_config(head_dim: int) -> DecodeConfig:
+    """Measured on an H200 (bench/vllm_layout.py --sweep, D=128); wide heads take short
+    key tiles."""
+    return DecodeConfig() if head_dim <= 128 else DecodeConfig(block_n=32)
 
 
 def _split_len(seq_len, splits: int, block_n: int):
@@ -521,20 +582,22 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         slot_rows = partial(_slot_rows, bt_ref, b * max_blocks, block_size=block_size, hkv=hkv,
                             head=h, n_blocks=n_blocks)
 
-        def body(j, carry, masked: bool):
-            acc, zacc, m_prev, l_prev = carry
+        def tile(j, masked: bool):  # positions of key tile j, their mask, the tile's bytes
             pos, ok = tile_index(start + j * bn, bn, stop)
             pmask = ok if masked else None
-            rows = slot_rows(pos, pmask)
-            k, kf = _key_tile(cache_ref, rows, pmask, lay, k_table, dt, k_lut, nc)
+            return ok, _fetch_slots(cache_ref, slot_rows(pos, pmask), pmask, lay)
+
+        def step(carry, raw, ok):  # online softmax over one fetched tile (ok: lane mask)
+            acc, zacc, m_prev, l_prev = carry
+            k, kf = _key_from_raw(raw[0], lay, k_table, dt, k_lut, nc)
             s = dot(q, k.T)
             s = s * scale_log2 if kf is None else s * (kf * scale_log2)[None, :]
-            if masked:
+            if ok is not None:
                 s = jnp.where(ok[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
             alpha = jnp.exp2(m_prev - m_new)
             p = jnp.exp2(s - m_new[:, None])
-            lev, v_scale, v_zero = _value_tile(cache_ref, rows, pmask, lay, v_table, dt, v_lut)
+            lev, v_scale, v_zero = _value_from_raw(raw[1], lay, v_table, dt, v_lut)
             acc = acc * alpha[:, None] + dot((p * v_scale[None, :]).astype(dt), lev)
             zacc = zacc * alpha + jnp.sum(p * v_zero[None, :], axis=1)
             return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1)
@@ -543,9 +606,22 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         carry = (jnp.zeros((block_m, cols.shape[0]), jnp.float32), zero_rows,
                  jnp.full((block_m,), M_INIT, jnp.float32), zero_rows)
         n_full = (stop - start) // bn
-        carry = lax.fori_loop(0, n_full, partial(body, masked=False), carry)
-        acc, zacc, m, l_fin = lax.fori_loop(n_full, pl.cdiv(stop - start, bn),
-                                            partial(body, masked=True), carry)
+        if cfg.prefetch:  # whole tiles, each fetching the next before decoding its own
+            def full(j, c):
+                nxt = tile(jnp.minimum(j + 1, n_full - 1), masked=False)[1]
+                return step(c[0], c[1], None), nxt
+
+            first = tile(0, masked=True)[1]  # masked: there may be no whole tile
+            carry = lax.fori_loop(0, n_full, full, (carry, first))[0]
+        else:
+            carry = lax.fori_loop(0, n_full, lambda j, c: step(c, tile(j, False)[1], None),
+                                  carry)
+
+        def tail(j, c):
+            ok, raw = tile(j, masked=True)
+            return step(c, raw, ok)
+
+        acc, zacc, m, l_fin = lax.fori_loop(n_full, pl.cdiv(stop - start, bn), tail, carry)
         orow = qrow * splits + sp
         store_tile(o_ref, orow, r_ok, cols, c_ok, (acc + zacc[:, None]) / l_fin[:, None])
         store_rows(lse_ref, orow, r_ok, (m + jnp.log2(l_fin)) * LN2)
@@ -579,7 +655,10 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
     group = hq // hkv
     block_m = max(16, next_pow2(group))
     dt = query.dtype
-    rot_q = not lay.key_fp8
+    rot_q = not lay.key_fp8 and d <= ROTATE_IN_KERNEL_MAX_D
+    if not lay.key_fp8 and not rot_q:  # wide heads: Pi^T halves would not fit shared memory
+        query = jnp.matmul(query.astype(jnp.float32), rotation.T,
+                           precision=lax.Precision.HIGHEST).astype(dt)
     v_table, _ = _value_table(dt)
     args = [query.reshape(b * hq, d)]
     args += list(_rotation_halves(rotation, dt)) if rot_q else []
@@ -663,7 +742,7 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
         k_table, k_lut = _codebook_parts(centroids, centroids, query.dtype)
     return _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, lay=lay,
                           nc=nc, k_lut=k_lut, v_lut=_value_table(query.dtype)[1], scale=scale,
-                          splits=max_num_kv_splits, cfg=config or DecodeConfig(),
+                          splits=max_num_kv_splits, cfg=config or default_config(lay.head_dim),
                           mode=kernel_mode())
 
 
@@ -710,10 +789,11 @@ def _dequant_kernel(cache_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref,
     valid = pos < seq_len
     rows = _slot_rows(bt_ref, b * max_blocks, pos, valid, block_size, hkv, h,
                       cache_ref.shape[0] // (block_size * hkv))
-    k, kf = _key_tile(cache_ref, rows, valid, lay, k_table, jnp.float32, None, nc)
+    raw_k, raw_v = _fetch_slots(cache_ref, rows, valid, lay)
+    k, kf = _key_from_raw(raw_k, lay, k_table, jnp.float32, None, nc)
     if kf is not None:
         k = k * kf[:, None]
-    lev, v_scale, v_zero = _value_tile(cache_ref, rows, valid, lay, v_table, jnp.float32, None)
+    lev, v_scale, v_zero = _value_from_raw(raw_v, lay, v_table, jnp.float32, None)
     v = lev * v_scale[:, None] + v_zero[:, None]
     cols, c_ok = _columns(lay.head_dim)
     orow = bh * max_seq + pos
