@@ -9,7 +9,7 @@ import pytest
 import tq4jax as tq
 from tq4jax import vllm as V
 from tq4jax.layout import vllm_slot
-from tq4jax.testing import lower_to_triton
+from tq4jax.testing import kernel_jaxpr, lower_to_triton
 
 from helpers import rel_l2, rel_linf
 
@@ -413,3 +413,25 @@ def test_bad_input(vectors):
         V.full_dequant_kv(cache, bt, sl, c, 4, 40, 4, head_dim=128)
     with pytest.raises(ValueError, match="head_dim"):
         V.full_dequant_kv(cache, bt, sl, c, 4, 70, 4)  # no head_dim fits
+
+
+def test_static_codebook_decodes_in_registers():
+    """A codebook closed over by a jit-ed caller is static: K and V decode with prmt (two
+    inline-asm LUTs in each of the whole-tile and tail loops); a traced codebook leaves only
+    the value LUTs."""
+    pr = V.preset("turboquant_4bit_nc", 128)
+    c, _ = tq.lloyd_max(128, 4)
+    pi = np.eye(128, dtype=np.float32)
+    s = jax.ShapeDtypeStruct
+    args = (s((2, 8, 128), jnp.float16), s(pr.cache_shape(8, 16, 2), jnp.uint8),
+            s((2, 4), jnp.int32), s((2,), jnp.int32))
+
+    def n_asm(fn, *extra):
+        return kernel_jaxpr(fn, *args, *extra).count("prmt.b32") // 9
+
+    closed = lambda q, ca, b, n: V.turboquant_decode(  # noqa: E731
+        q, ca, b, n, pi, c, 0.1, **pr.decode_kwargs(), impl="pallas")
+    traced = lambda q, ca, b, n, cent: V.turboquant_decode(  # noqa: E731
+        q, ca, b, n, pi, cent, 0.1, **pr.decode_kwargs(), impl="pallas")
+    assert n_asm(closed) == 4
+    assert n_asm(traced, s((16,), jnp.float32)) == 2

@@ -535,7 +535,7 @@ class DecodeConfig(NamedTuple):
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
-    prefetch: bool = True
+    prefetch: bool = False
 
 
 def default_config(head_dim: int) -> DecodeConfig:
@@ -729,6 +729,7 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
     Positions past ``seq_lens`` (or past the block table) are never read; block ids are
     clamped into the cache; a sequence of length 0 gives zeros.
     """
+    raw_centroids = centroids
     query, kv_cache, block_table, seq_lens, rotation, centroids, lay, nc, scale = _check_decode(
         query, kv_cache, block_table, seq_lens, Pi, centroids, scale, mse_bits,
         key_packed_size, value_quant_bits, key_fp8, norm_correction, max_num_kv_splits)
@@ -739,7 +740,9 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
         k_table, k_lut = centroids, None
         rotation = jnp.zeros((lay.head_dim, lay.head_dim), jnp.float32)
     else:
-        k_table, k_lut = _codebook_parts(centroids, centroids, query.dtype)
+        # the caller's own codebook (a numpy or committed array, also when a jit-ed caller
+        # closes over it) gives a static prmt LUT; a traced one is gathered from memory
+        k_table, k_lut = _codebook_parts(centroids, raw_centroids, query.dtype)
     return _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, lay=lay,
                           nc=nc, k_lut=k_lut, v_lut=_value_table(query.dtype)[1], scale=scale,
                           splits=max_num_kv_splits, cfg=config or default_config(lay.head_dim),
