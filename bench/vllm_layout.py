@@ -61,7 +61,8 @@ def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
         return jax.jit(lambda q, c, t, n: V._decode_pallas(
             q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,
             v_lut=V._value_table(jnp.float16)[1], scale=D ** -0.5, splits=splits,
-            cfg=cfg or V.default_config(D, pr.value_quant_bits), mode=tq._config.kernel_mode(), stage1_only=True))
+            cfg=cfg or V.default_config(D, pr.value_quant_bits), mode=tq._config.kernel_mode(),
+            stage1_only=True))
     return jax.jit(lambda q, c, t, n: V.turboquant_decode(
         q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), max_num_kv_splits=splits,
         config=cfg))

@@ -748,7 +748,8 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
         k_table, k_lut = _codebook_parts(centroids, raw_centroids, query.dtype)
     return _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, lay=lay,
                           nc=nc, k_lut=k_lut, v_lut=_value_table(query.dtype)[1], scale=scale,
-                          splits=max_num_kv_splits, cfg=config or default_config(lay.head_dim, lay.value_bits),
+                          splits=max_num_kv_splits,
+                          cfg=config or default_config(lay.head_dim, lay.value_bits),
                           mode=kernel_mode())
 
 
