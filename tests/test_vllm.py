@@ -257,7 +257,8 @@ def test_store_decode_round_trip(rng, name, d, dtype):
                               max_num_kv_splits=4, impl="pallas")
     ref = V.turboquant_decode_reference(q, cache, bt, seq, pi, c, scale, **pr.decode_kwargs())
     assert out.dtype == dtype
-    assert rel_linf(out, ref) < (8e-3 if dtype == jnp.bfloat16 else 2e-3)
+    # bf16: q_rot, p and the output carry 8-bit mantissas (2**-8 = 3.9e-3 each)
+    assert rel_linf(out, ref) < (2e-2 if dtype == jnp.bfloat16 else 2e-3)
     bound, k_bound, v_bound = ROUND_TRIP_BOUNDS[name]
     assert rel_l2(ref, dense_attention(np.asarray(q, np.float32), k, v, lens, scale)) < bound
     kd, vd = (np.asarray(x, np.float64) for x in V.full_dequant_kv(
