@@ -60,21 +60,31 @@ def _cudnn(res: dict, q, k, v, **kw) -> None:
         print(f"  jax cudnn failed: {type(e).__name__}: {str(e)[:100]}")
 
 
+def sdpa_decode(res: dict, q, k, v) -> bool:
+    """Time torch SDPA fp16 decode (q [B, HQ, D], k/v BTNH) into res["torch SDPA fp16"];
+    False when torch is missing."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return False
+    t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
+    tq_, tk, tv = t(q)[:, :, None], t(k).transpose(1, 2), t(v).transpose(1, 2)
+    res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
+        tq_, tk, tv, enable_gqa=True))
+    return True
+
+
 def run(b: int, ctx: int) -> dict[str, float]:
     q, cache, table, lens, cent, rot, k, v = make_case(b, ctx)
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     res = {"tq4jax paged_decode": time_ms(jax.jit(
         lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **kw)), q, cache, table, lens)}
     _cudnn(res, q[:, None], k, v)
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+    if not sdpa_decode(res, q, k, v):
         return res
+    import torch
     t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
-    tq_, tk, tv = t(q)[:, :, None], t(k).transpose(1, 2), t(v).transpose(1, 2)
-    res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
-        tq_, tk, tv, enable_gqa=True))
     try:
         from turboquant_vllm.triton.fused_paged_tq4_attention import fused_paged_tq4_decode
     except ImportError:

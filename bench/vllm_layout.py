@@ -17,13 +17,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
 from tq4jax import vllm as V  # noqa: E402
 from _timing import copy_bandwidth_gbs, device_line, time_ms  # noqa: E402
-from attention import torch_ms  # noqa: E402
+from paged import sdpa_decode  # noqa: E402
 
 B, HQ, HKV, D, BS = 8, 32, 8, 128, 16
 
@@ -79,15 +78,7 @@ def baselines(ctx: int, q, k, v, table, slots, lens) -> dict[str, float]:
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     res["family A paged_decode"] = time_ms(jax.jit(
         lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **kw)), q, cache, table, lens)
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return res
-    t = lambda a: torch.from_numpy(np.array(a)).cuda()  # noqa: E731
-    tq_, tk, tv = t(q)[:, :, None], t(k).transpose(1, 2), t(v).transpose(1, 2)
-    res["torch SDPA fp16"] = torch_ms(lambda: F.scaled_dot_product_attention(
-        tq_, tk, tv, enable_gqa=True))
+    sdpa_decode(res, q, k, v)
     return res
 
 

@@ -109,3 +109,36 @@ def check_pow2(name: str, value: Any, lo: int = 1, hi: int = 4096) -> int:
             or not lo <= value <= hi:
         raise ValueError(f"{name} must be a power-of-two int in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def check_new_tokens(key: Any, value: Any, slot_mapping: Any):
+    """Paged writes: key/value [N, H_KV, D] float of one shape, slot_mapping [N] int32/int64.
+    Returns (key, value, slot_mapping as int32)."""
+    key, value = as_array("key", key), as_array("value", value)
+    check_float("key", key)
+    check_float("value", value)
+    check_ndim("key", key, 3, "[num_tokens, num_kv_heads, head_dim]")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
+                         f"got {tuple(value.shape)}")
+    check_head_dim("key", key.shape[2])
+    slot_mapping = as_array("slot_mapping", slot_mapping)
+    check_dtype("slot_mapping", slot_mapping, [jnp.int32, jnp.int64])
+    n = key.shape[0]
+    if slot_mapping.shape != (n,):
+        raise ValueError(f"slot_mapping must have shape ({n},), got {tuple(slot_mapping.shape)}")
+    return key, value, slot_mapping.astype(jnp.int32)
+
+
+def check_seq_table(seq_lens: Any, block_table: Any, n_seqs: int):
+    """Paged reads: seq_lens [n_seqs] int32 and block_table [n_seqs, max_blocks] int32."""
+    seq_lens = as_array("seq_lens", seq_lens)
+    check_dtype("seq_lens", seq_lens, [jnp.int32])
+    if seq_lens.shape != (n_seqs,):
+        raise ValueError(f"seq_lens must have shape ({n_seqs},), got {tuple(seq_lens.shape)}")
+    block_table = as_array("block_table", block_table)
+    check_dtype("block_table", block_table, [jnp.int32])
+    if block_table.ndim != 2 or block_table.shape[0] != n_seqs or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape [{n_seqs}, max_blocks], got "
+                         f"{tuple(block_table.shape)}")
+    return seq_lens, block_table

@@ -67,27 +67,16 @@ def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_b
     kv_cache = ck.as_array("kv_cache", kv_cache)
     ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
     ck.check_ndim("kv_cache", kv_cache, 3, "[num_blocks, block_size, total_bytes]")
-    key, value = ck.as_array("key", key), ck.as_array("value", value)
-    ck.check_float("key", key)
-    ck.check_ndim("key", key, 3, "[num_tokens, num_kv_heads, head_dim]")
-    if value.shape != key.shape:
-        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
-                         f"got {tuple(value.shape)}")
+    key, value, slot_mapping = ck.check_new_tokens(key, value, slot_mapping)
     n, h, d = key.shape
-    ck.check_head_dim("key", d)
     lay = paged_layout(h, d)
     if kv_cache.shape[2] < lay.row_bytes:
         raise ValueError(f"kv_cache rows must hold at least {lay.row_bytes} bytes for {h} KV "
                          f"heads x head_dim {d}, got total_bytes {kv_cache.shape[2]}")
-    slot_mapping = ck.as_array("slot_mapping", slot_mapping)
-    ck.check_dtype("slot_mapping", slot_mapping, [jnp.int32, jnp.int64])
-    if slot_mapping.shape != (n,):
-        raise ValueError(f"slot_mapping must have shape ({n},), got {tuple(slot_mapping.shape)}")
     rotation = ck.check_rotation(rotation, d)
     k_boundaries = ck.check_boundaries(k_boundaries, "k_boundaries")
     v_boundaries = (k_boundaries if v_boundaries is None
                     else ck.check_boundaries(v_boundaries, "v_boundaries"))
-    slot_mapping = slot_mapping.astype(jnp.int32)
     return kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries
 
 
@@ -282,13 +271,7 @@ def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, bl
     seq_lens = ck.as_array("seq_lens", seq_lens)
     ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
     s = seq_lens.shape[0] if per_token and seq_lens.ndim == 1 else q.shape[0]
-    if seq_lens.shape != (s,):
-        raise ValueError(f"seq_lens must have shape ({s},), got {tuple(seq_lens.shape)}")
-    block_table = ck.as_array("block_table", block_table)
-    ck.check_dtype("block_table", block_table, [jnp.int32])
-    if block_table.ndim != 2 or block_table.shape[0] != s or block_table.shape[1] < 1:
-        raise ValueError(f"block_table must have shape [{s}, max_blocks], got "
-                         f"{tuple(block_table.shape)}")
+    seq_lens, block_table = ck.check_seq_table(seq_lens, block_table, s)
     return q, kv_cache, block_table, seq_lens
 
 

@@ -471,24 +471,13 @@ def _check_tables(lay: VllmSlot, Pi: Any, centroids: Any):
 
 def _check_store(kv_cache, key, value, slot_mapping, Pi, centroids, mse_bits, key_packed_size,
                  value_quant_bits, key_fp8):
-    key, value = ck.as_array("key", key), ck.as_array("value", value)
-    ck.check_float("key", key)
-    ck.check_float("value", value)
-    ck.check_ndim("key", key, 3, "[num_tokens, num_kv_heads, head_dim]")
-    if value.shape != key.shape:
-        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
-                         f"got {tuple(value.shape)}")
-    n, h, d = key.shape
-    ck.check_head_dim("key", d)
+    key, value, slot_mapping = ck.check_new_tokens(key, value, slot_mapping)
+    _, h, d = key.shape
     lay = vllm_slot(d, mse_bits, value_quant_bits, key_packed_size,
                     _check_static_bool("key_fp8", key_fp8))
     kv_cache = _check_cache(kv_cache, lay, h)
-    slot_mapping = ck.as_array("slot_mapping", slot_mapping)
-    ck.check_dtype("slot_mapping", slot_mapping, [jnp.int32, jnp.int64])
-    if slot_mapping.shape != (n,):
-        raise ValueError(f"slot_mapping must have shape ({n},), got {tuple(slot_mapping.shape)}")
     rotation, centroids = _check_tables(lay, Pi, centroids)
-    return kv_cache, key, value, slot_mapping.astype(jnp.int32), rotation, centroids, lay
+    return kv_cache, key, value, slot_mapping, rotation, centroids, lay
 
 
 def turboquant_store(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, Pi: Any,
@@ -699,15 +688,7 @@ def _check_decode(query, kv_cache, block_table, seq_lens, Pi, centroids, scale, 
     hkv = kv_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"kv_cache's num_kv_heads ({hkv}) must divide query's heads ({hq})")
-    seq_lens = ck.as_array("seq_lens", seq_lens)
-    ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
-    if seq_lens.shape != (b,):
-        raise ValueError(f"seq_lens must have shape ({b},), got {tuple(seq_lens.shape)}")
-    block_table = ck.as_array("block_table", block_table)
-    ck.check_dtype("block_table", block_table, [jnp.int32])
-    if block_table.ndim != 2 or block_table.shape[0] != b or block_table.shape[1] < 1:
-        raise ValueError(f"block_table must have shape [{b}, max_blocks], got "
-                         f"{tuple(block_table.shape)}")
+    seq_lens, block_table = ck.check_seq_table(seq_lens, block_table, b)
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
         raise TypeError(f"scale must be a Python float, got {scale!r}")
     if isinstance(max_num_kv_splits, bool) or not isinstance(max_num_kv_splits, int) \
@@ -866,13 +847,8 @@ def _check_dequant(kv_cache, block_table, seq_lens, centroids, mse_bits, key_pac
     nc = _check_static_bool("norm_correction", norm_correction)
     kv_cache = _check_cache(kv_cache, lay)
     block_table = ck.as_array("block_table", block_table)
-    ck.check_dtype("block_table", block_table, [jnp.int32])
     ck.check_ndim("block_table", block_table, 2, "[num_seqs, max_blocks]")
-    b = block_table.shape[0]
-    seq_lens = ck.as_array("seq_lens", seq_lens)
-    ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
-    if seq_lens.shape != (b,):
-        raise ValueError(f"seq_lens must have shape ({b},), got {tuple(seq_lens.shape)}")
+    seq_lens, block_table = ck.check_seq_table(seq_lens, block_table, block_table.shape[0])
     cap = block_table.shape[1] * kv_cache.shape[1]
     max_seq = cap if max_seq is None else max_seq
     if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 1:
