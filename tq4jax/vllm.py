@@ -38,7 +38,7 @@ from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import (codebook_bits, decode_codes, dot_split, load_tile, split16, store_rows,
                      store_tile, tile_index)
-from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts,
+from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts, _columns,
                         attention_reference)
 from .codec import bucketize
 from .layout import (CODEBOOK_SLOTS, FP8_E4M3_MAX, FP16_MAX, VLLM_MIN_SCALE, VLLM_NC_EPS,
@@ -215,11 +215,6 @@ def _gather_slots(kv_cache, block_table, seq_lens, n_pos: int):
 # ----------------------------------------------------------------------------------------------
 # in-kernel tiles
 # ----------------------------------------------------------------------------------------------
-
-def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    cols, ok = tile_index(0, next_pow2(width), width)
-    return cols, (None if next_pow2(width) == width else ok)
-
 
 def _fetch_fp16(cache_ref, rows, rmask, at: int) -> jnp.ndarray:
     """The 2 bytes at ``at`` of slots ``rows``: uint8 [R, 2] (masked rows: 0)."""
@@ -632,12 +627,6 @@ def merge_lse(o: jnp.ndarray, lse: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarr
     return jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def _rotation_halves(rotation: jnp.ndarray, dt) -> tuple[jnp.ndarray, jnp.ndarray]:
-    d = rotation.shape[0]
-    dp = next_pow2(d)
-    return split16(jnp.pad(rotation.T, ((0, dp - d), (0, dp - d))), dt)
-
-
 @partial(jax.jit, static_argnames=("lay", "nc", "k_lut", "v_lut", "scale", "splits", "cfg",
                                    "mode", "stage1_only"))
 def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *, lay, nc,
@@ -653,7 +642,7 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
                            precision=lax.Precision.HIGHEST).astype(dt)
     v_table, _ = _value_table(dt)
     args = [query.reshape(b * hq, d)]
-    args += list(_rotation_halves(rotation, dt)) if rot_q else []
+    args += list(split16(rotation.T, dt)) if rot_q else []  # loaded with masks
     args += [kv_cache.reshape(nb * bs * hkv, sb), block_table.reshape(-1), seq_lens, k_table,
              v_table]
     rows = b * hq * splits
