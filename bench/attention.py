@@ -106,23 +106,28 @@ def run_case(name, b, sq, sk, causal, rows):
 
 
 def sweep(name, b, sq, sk, causal):
-    """Time kernel configurations of both ops on one case; check each against the default."""
+    """Time kernel configurations on one case (dense flash, tq4_kv with a static codebook and
+    with a traced one); check each against the default configuration's output."""
     q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
-    k_parts, lut = att._codes_parts(kp, kn, cent, np.asarray(cent), q.dtype)
-    v_parts = (vp, vn, k_parts[2])
     flash = jax.jit(lambda q, k, v, cfg: att._run(
         q, (k,), (v,), None, None, causal=causal, scale=D ** -0.5, cfg=cfg), static_argnames="cfg")
-    tq4_kv = jax.jit(lambda q, kp, vp, cfg: att._run(
-        q, kp, vp, rot, None, k_lut=lut, v_lut=lut, causal=causal, scale=D ** -0.5, cfg=cfg),
-        static_argnames="cfg")
-    ops = {"flash": lambda cfg: flash(q, k, v, cfg=cfg),  # jitted once per cfg
-           "tq4_kv": lambda cfg: tq4_kv(q, k_parts, v_parts, cfg=cfg)}
+
+    def tq4_kv(static):
+        def run(q, kp, kn, vp, vn, c, cfg):
+            k_parts, lut = att._codes_parts(kp, kn, c, q.dtype, np.asarray(cent) if static else c)
+            v_parts = (vp, vn, k_parts[2])
+            return att._run(q, k_parts, v_parts, rot, None, k_lut=lut, v_lut=lut,
+                            causal=causal, scale=D ** -0.5, cfg=cfg)
+        return jax.jit(run, static_argnames="cfg")
+
+    ops = {"tq4_kv static": lambda cfg, f=tq4_kv(True): f(q, kp, kn, vp, vn, cent, cfg=cfg),
+           "tq4_kv traced": lambda cfg, f=tq4_kv(False): f(q, kp, kn, vp, vn, cent, cfg=cfg)}
     default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D, compressed=True)
     if sq * HQ // HKV <= 64:
-        grid = [att.Config(default.block_m, bn, w, st, sp) for bn, (w, st), sp in itertools.product(
-            (64, 128, 256), ((4, 2), (4, 3), (8, 3)),
-            sorted({default.splits // 2, default.splits, 2 * default.splits}))]
+        grid = [att.Config(default.block_m, bn, w, st, default.splits)
+                for bn, (w, st) in itertools.product((32, 64, 128), ((4, 2), (4, 3), (8, 2)))]
     else:
+        ops["flash"] = lambda cfg: flash(q, k, v, cfg=cfg)  # jitted once per cfg
         grid = [att.Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
                                          (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
                                          (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
@@ -131,10 +136,10 @@ def sweep(name, b, sq, sk, causal):
     print("| op | block_m | block_n | warps | stages | splits | ms | max err vs default |")
     print("|---|---|---|---|---|---|---|---|")
     for op, run in ops.items():
-        want = np.asarray(jax.tree.map(lambda x: x.astype(jnp.float32), run(default))[0])
+        want = np.asarray(run(default).astype(jnp.float32))
         for cfg in grid:
             try:
-                got = np.asarray(jax.tree.map(lambda x: x.astype(jnp.float32), run(cfg))[0])
+                got = np.asarray(run(cfg).astype(jnp.float32))
                 ms = time_ms(lambda: run(cfg), iters=10, reps=3)
                 err = float(np.max(np.abs(got - want)))
                 print(f"| {op} | {' | '.join(map(str, cfg))} | {ms:.3f} | {err:.2e} |", flush=True)
@@ -150,7 +155,7 @@ def main():
     a = ap.parse_args()
     print(f"# attention bench: {device_line()}; {HQ}/{HKV} heads, D={D}, fp16")
     if a.sweep:
-        for c in (CASES[1], CASES[4]):
+        for c in ((CASES[4],) if a.quick else (CASES[4], CASES[1])):
             sweep(*c)
         return
     rows = []

@@ -55,7 +55,7 @@ def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
     if stage1_only:
         lay = tq.layout.vllm_slot(D, pr.mse_bits, pr.value_quant_bits, pr.key_packed_size,
                                   pr.key_fp8)
-        table, lut = tq.attention._codebook_parts(jnp.asarray(cent), cent, jnp.float16)
+        table, lut = tq.attention._codebook_parts(jnp.asarray(cent), jnp.float16, cent)
         rot = jnp.asarray(pi)
         return jax.jit(lambda q, c, t, n: V._decode_pallas(
             q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,

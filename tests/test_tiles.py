@@ -1,11 +1,13 @@
 """In-kernel decode helpers: the prmt codebook program, checked by a numpy model of PTX."""
 
+import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tq4jax as tq
-from tq4jax._tiles import codebook_bits, lut_asm, lut_program
+from tq4jax._tiles import (codebook_bits, lut_asm, lut_planes, lut_program, split_lut_asm,
+                           static_planes)
 
 
 def prmt(a, b, c):
@@ -62,3 +64,78 @@ def test_lut_asm_text():
     bits = tuple(int(b) for b in np.asarray(codebook_bits(jnp.asarray(cent), jnp.float16)))
     asm = lut_asm(bits)
     assert asm.count("prmt.b32") == 9 and "$2" in asm and asm.startswith("{")
+
+
+def lop3(a, b, c, lut):
+    """PTX ``lop3.b32``: bit i of the result is bit (4a + 2b + c) of ``lut``."""
+    out = np.zeros_like(a)
+    for idx in range(8):
+        if lut >> idx & 1:
+            out |= ((a if idx & 4 else ~a) & (b if idx & 2 else ~b) & (c if idx & 1 else ~c))
+    return out
+
+
+def run_ptx(text: str, regs: dict) -> dict:
+    """Execute the straight-line PTX of an asm block (and, shr, shl, prmt, lop3 on .b32) on
+    uint32 arrays; ``regs`` maps operand names ($i) to values and collects the results."""
+    regs = dict(regs)
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = [a.strip() for a in rest.split(",")]
+        a = [regs[v] if v.startswith("$") or v.isalpha() or not v[0].isdigit()
+             else np.uint32(int(v, 0)) for v in src]
+        name = op.split(".")[0]
+        if name == "mov":
+            regs[dst] = a[0]
+        elif name == "not":
+            regs[dst] = ~a[0]
+        elif name == "and":
+            regs[dst] = a[0] & a[1]
+        elif name == "or":
+            regs[dst] = a[0] | a[1]
+        elif name == "xor":
+            regs[dst] = a[0] ^ a[1]
+        elif name == "sub":
+            regs[dst] = a[0] - a[1]
+        elif name == "shr":
+            regs[dst] = a[0] >> a[1]
+        elif name == "shl":
+            regs[dst] = a[0] << a[1]
+        elif name == "prmt":
+            regs[dst] = prmt(*(x.astype(np.uint32) for x in np.broadcast_arrays(*a)))
+        elif name == "lop3":
+            regs[dst] = lop3(a[0], a[1], a[2], int(src[3], 16))
+        else:
+            raise AssertionError(op)
+    return regs
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("low_first", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_split_asm_decodes_every_byte(rng, dtype, low_first, symmetric):
+    """4 code bytes in $2 and the table planes -> $0/$1 = the 4 even (or odd) coordinates:
+    (c[even(b0)], c[even(b1)]), (c[even(b2)], c[even(b3)]) with even = the high nibble
+    (``low_first``: the low nibble, vLLM's order)."""
+    cent = (rng.standard_normal(16) * 0.3).astype(np.float32)  # arbitrary, unsorted
+    if symmetric:  # c[15 - j] == -c[j]: the 4-word table of entries 8-15
+        cent[:8] = -cent[:7:-1]
+    bits = np.asarray(codebook_bits(jnp.asarray(cent), dtype)).astype(np.uint32)
+    planes = np.asarray(lut_planes(jnp.asarray(bits, jnp.uint16))).view(np.uint32)
+    static = static_planes(cent, dtype)
+    assert len(static) == (4 if symmetric else 8)
+    b = rng.integers(0, 256, (4, 4096)).astype(np.uint32)
+    for k in range(4):  # every byte in every position
+        b[k, :256] = np.roll(np.arange(256), 64 * k)
+    x = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+    inputs = {"$2": x, **{f"${3 + 4 * k}": np.uint32(planes[k]) for k in range(8)}}
+    hi, lo = b >> 4, b & 15
+    for odd, imm in itertools.product((False, True), (False, True)):  # imm: the unary form
+        regs = run_ptx(split_lut_asm(odd, low_first, static if imm else None), inputs)
+        want = bits[(lo if low_first else hi) if not odd else (hi if low_first else lo)]
+        for r in (0, 1):
+            np.testing.assert_array_equal(regs[f"${r}"] & 0xFFFF, want[2 * r])
+            np.testing.assert_array_equal(regs[f"${r}"] >> np.uint32(16), want[2 * r + 1])

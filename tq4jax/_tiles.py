@@ -7,8 +7,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
@@ -145,6 +146,126 @@ def decode_codes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
         return interleave(table_ref[first], table_ref[second])
     return interleave(lax.bitcast_convert_type(table_ref[first], dtype),
                       lax.bitcast_convert_type(table_ref[second], dtype))
+
+
+# Split decode (the attention kernels' path): an asm instance reads 4 code bytes (8 nibbles)
+# and writes the 4 even or the 4 odd coordinates as 16-bit values, so no join or shuffle is
+# needed and each half feeds its own tensor-core dot. The even and the odd instance hold the
+# same lookup code (ptxas merges it; a Pallas asm call has one result). The 16-entry table
+# comes in as 8 registers (byte planes, :func:`lut_planes`) loaded once per program - any
+# codebook, traced or not. Per 4 nibbles: 4 prmt look up entries 0-7 and 8-15 of both planes,
+# a prmt in sign-replicate mode turns each nibble's bit 3 into a 0x00/0xFF byte mask, 2 lop3
+# pick by it, 2 prmt pair the planes into 16-bit values: 23 instructions for 8 coordinates.
+_PAIR_SEL_SPLIT = (0x7351, 0x6240)  # lanes (n1, n3), (n0, n2): a byte's high, low nibbles
+_PLANE_REGS = tuple(f"${3 + 4 * k}" for k in range(8))  # table arg k, pack 4: $3+4k .. $6+4k
+
+
+def lut_planes(bits16: Any, xp: Any = jnp) -> Any:
+    """uint16 [16] table patterns -> int32 [8]: the low-byte plane (entries 4k..4k+3 in word
+    k, k < 4), then the high-byte plane. ``xp``: jnp (traced tables too) or numpy."""
+    b = xp.asarray(bits16).astype(xp.uint32).reshape(4, 4)
+    shift = (8 * xp.arange(4, dtype=xp.uint32))[None, :]
+    planes = xp.concatenate([xp.sum((b & 0xFF) << shift, axis=1),
+                             xp.sum((b >> 8) << shift, axis=1)]).astype(xp.uint32)
+    return planes.view(xp.int32) if xp is np else lax.bitcast_convert_type(planes, jnp.int32)
+
+
+def static_planes(centroids: Any, dtype: Any) -> tuple[int, ...]:
+    """A concrete codebook (up to 16 entries) -> its table for the unary (immediate) form of
+    :func:`split_lut_asm`, as Python ints: the 8 :func:`lut_planes` words, or 4 words (the
+    byte planes of entries 8-15) when the codebook is antisymmetric in ``dtype``
+    (c[15 - j] == -c[j] bit for bit, as Lloyd-Max codebooks are)."""
+    c = np.zeros(16, np.float32)
+    c[:np.size(centroids)] = np.asarray(centroids, np.float32).ravel()
+    bits = c.astype(dtype).view(np.uint16)
+    planes = tuple(int(w) for w in lut_planes(bits, np))
+    if np.array_equal(bits[::-1], bits ^ np.uint16(0x8000)):
+        return planes[2:4] + planes[6:8]
+    return planes
+
+
+def split_lut_asm(odd: bool, low_first: bool = False,
+                  planes: tuple[int, ...] | None = None) -> str:
+    """PTX of one split-decode instance (pack=4): $2 holds 4 code bytes, $0/$1 get their even
+    (``odd``: odd) coordinates, two 16-bit values each. Even coordinates are high nibbles
+    (``low_first``: low nibbles). The table planes are the operands _PLANE_REGS, or with
+    static ``planes`` (8 ints) immediates: then the asm is unary, and Triton can move a
+    following layout conversion to the code load instead of the decoded tile."""
+    if planes is not None and len(planes) == 4:
+        return _symmetric_lut_asm(odd, low_first, planes)
+    lines = ["{", ".reg .b32 s0, s1, x4, m0, m1, lx, ly, hx, hy, l, h;"]
+    regs = _PLANE_REGS
+    if planes is not None:
+        regs = tuple(f"t{k}" for k in range(8))
+        lines += [f".reg .b32 {', '.join(regs)};"]
+        lines += [f"mov.b32 t{k}, {w & 0xFFFFFFFF:#x};" for k, w in enumerate(planes)]
+    l0, l1, l2, l3, h0, h1, h2, h3 = regs
+    pair = _PAIR_SEL_SPLIT[odd != low_first]
+    lines += ["and.b32 s0, $2, 0x7777;", "shr.b32 s1, $2, 16;", "and.b32 s1, s1, 0x7777;",
+              "shl.b32 x4, $2, 4;",
+              "prmt.b32 m0, x4, $2, 0xD9C8;",  # lanes: bit 3 of nibbles 0-3 -> 0x00 / 0xFF
+              "prmt.b32 m1, x4, $2, 0xFBEA;"]  # nibbles 4-7
+    for half, (s, m) in enumerate((("s0", "m0"), ("s1", "m1"))):
+        lines += [f"prmt.b32 lx, {l0}, {l1}, {s};", f"prmt.b32 ly, {l2}, {l3}, {s};",
+                  f"lop3.b32 l, lx, ly, {m}, 0xD8;",  # (lx & ~m) | (ly & m)
+                  f"prmt.b32 hx, {h0}, {h1}, {s};", f"prmt.b32 hy, {h2}, {h3}, {s};",
+                  f"lop3.b32 h, hx, hy, {m}, 0xD8;",
+                  f"prmt.b32 ${half}, l, h, {pair:#x};"]
+    return "\n".join(lines + ["}"])
+
+
+def _symmetric_lut_asm(odd: bool, low_first: bool, planes: tuple[int, ...]) -> str:
+    """:func:`split_lut_asm` for an antisymmetric codebook: the table holds entries 8-15 only
+    (low-byte plane, high-byte plane: 4 words); nibble n >= 8 reads entry n, n < 8 reads
+    entry 15 - n and flips the sign bit. 18 instructions for 8 coordinates."""
+    pair = _PAIR_SEL_SPLIT[odd != low_first]
+    lines = ["{", ".reg .b32 t, u, s0, s1, x4, m0, m1, l, h, lm0, lm1, hm0, hm1;"]
+    lines += [f"mov.b32 {r}, {w & 0xFFFFFFFF:#x};"
+              for r, w in zip(("lm0", "lm1", "hm0", "hm1"), planes)]
+    lines += ["not.b32 t, $2;", "and.b32 t, t, 0x88888888;",  # bit 3 of negative nibbles
+              "shr.b32 u, t, 3;", "sub.s32 u, t, u;",  # 7 in each negative nibble
+              "xor.b32 s0, $2, u;", "and.b32 s0, s0, 0x77777777;",  # entry index (15 - n) & 7
+              "shr.b32 s1, s0, 16;", "shl.b32 x4, $2, 4;",
+              "prmt.b32 m0, x4, $2, 0xD9C8;",  # lanes of nibbles 0-3: 0xFF if n >= 8
+              "prmt.b32 m1, x4, $2, 0xFBEA;"]  # nibbles 4-7
+    for half, (sel, m) in enumerate((("s0", "m0"), ("s1", "m1"))):
+        lines += [f"prmt.b32 l, lm0, lm1, {sel};", f"prmt.b32 h, hm0, hm1, {sel};",
+                  f"not.b32 t, {m};", "and.b32 t, t, 0x80808080;", "xor.b32 h, h, t;",
+                  f"prmt.b32 ${half}, l, h, {pair:#x};"]
+    return "\n".join(lines + ["}"])
+
+
+def codebook_table(centroids16: jnp.ndarray, dtype: Any, planes: bool) -> jnp.ndarray:
+    """A codebook's in-kernel table for :func:`decode_split`: :func:`lut_planes` (compiled
+    kernels) or the :func:`codebook_bits` (interpret mode gathers)."""
+    bits = codebook_bits(centroids16, dtype)
+    return lut_planes(bits) if planes else bits
+
+
+def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool,
+                 low_first: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 code tile [R, C] -> (even coordinates, odd coordinates), each [R, C] in ``dtype``
+    (fp16/bf16). Byte j holds coordinates 2j (high nibble; ``low_first``: low nibble) and
+    2j+1. ``planes`` True: ``table_ref`` is int32 [8] :func:`lut_planes`, decoded in registers
+    (compiled kernels); a tuple: the planes themselves (static), ``table_ref`` unused; False:
+    ``table_ref`` is the :func:`codebook_bits`, two gathers per byte."""
+    if planes:
+        static = isinstance(planes, tuple)
+        b = lax.bitcast_convert_type(packed, jnp.int8)  # Triton integers are signless
+        words = [] if static else [jnp.full(packed.shape, table_ref[k], jnp.int32)
+                                   for k in range(8)]
+        cons = ",".join(["=r"] * 2 + ["r"] * (1 + 4 * len(words)))
+        return tuple(plgpu.elementwise_inline_asm(
+            split_lut_asm(odd, low_first, planes if static else None), args=[b] + words,
+            constraints=cons, pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])[0]
+            for odd in (False, True))
+    hi, lo = split_nibbles(packed)
+    first, second = (lo, hi) if low_first else (hi, lo)
+    if table_ref.dtype == jnp.dtype(dtype):
+        return table_ref[first], table_ref[second]
+    return (lax.bitcast_convert_type(table_ref[first], dtype),
+            lax.bitcast_convert_type(table_ref[second], dtype))
 
 
 #: Entry of an :func:`int8_codebook` table that holds the scale.

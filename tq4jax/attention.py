@@ -24,17 +24,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (INT8_SCALE_AT, codebook_bits, decode_codes, dot_split, load_rows,
-                     load_tile, split16, store_rows, store_tile, tile_index)
+from ._tiles import (INT8_SCALE_AT, codebook_table, decode_codes, decode_split, dot_split,
+                     interleave, load_rows, load_tile, split16, static_planes, store_rows,
+                     store_tile, tile_index)
 from .codec import dequantize_reference
-from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook
+from .layout import NORM_BYTES, PagedLayout, pad_codebook
 
 LOG2E = math.log2(math.e)
 MASKED = -jnp.inf
@@ -79,7 +79,7 @@ def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mas
     output refs)."""
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
-    q_refs = take(3 if rot_q else 1)   # q (+ Pi^T hi, lo)
+    q_refs = take(5 if rot_q else 1)   # q (+ Pi^T even-column hi, lo, odd-column hi, lo)
     if paged is not None:  # cache, block table, seq_lens, query_start_loc, schedule, K | V table
         k_refs, v_refs = take(6), take(1)
     else:
@@ -98,18 +98,20 @@ def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     return cols, (None if next_pow2(width) == width else ok)
 
 
-def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, lut):
-    """TQ4 rows of a K/V tile -> (centroids [rows, D] in ``dt``, norms [rows] f32)."""
-    codes_ref, norms_ref, bits_ref = refs
-    tile = decode_codes(bits_ref, load_tile(codes_ref, rows, rmask, bcols, bc_ok), dt, lut)
+def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, planes: bool):
+    """TQ4 rows of a K/V tile -> ((even, odd) centroids [rows, D/2] in ``dt``, norms [rows]
+    f32)."""
+    codes_ref, norms_ref, table_ref = refs
+    codes = load_tile(codes_ref, rows, rmask, bcols, bc_ok)
     norms = norms_ref[rows] if rmask is None else load_rows(norms_ref, rows, rmask)
-    return tile, norms
+    return decode_split(table_ref, codes, dt, planes), norms
 
 
 def _paged_tile(paged: Paged, cache_ref, bt_ref, bt_base, table_ref, codes_at: int,
                 norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut):
     """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
-    (decoded [rows, D] in ``dt`` (int8 when ``dt`` is int8), norms [rows] f32). The sequence's
+    (decoded (even, odd) halves [rows, D/2] in ``dt``, or int8 levels [rows, D] when ``dt`` is
+    int8 (``lut``: the static int8 LUT), norms [rows] f32). The sequence's
     block-table row starts at ``bt_base`` of the flat ``bt_ref``; block ids are clamped into
     the cache, masked lanes read nothing."""
     bs = paged.block_size
@@ -121,7 +123,10 @@ def _paged_tile(paged: Paged, cache_ref, bt_ref, bt_base, table_ref, codes_at: i
     four = jnp.arange(NORM_BYTES, dtype=jnp.int32)
     nbytes = load_tile(cache_ref, rows, kmask, norms_at + four, None).astype(jnp.int32)
     word = jnp.sum(nbytes << (8 * four)[None, :], axis=1)  # little-endian float32
-    return decode_codes(table_ref, codes, dt, lut), lax.bitcast_convert_type(word, jnp.float32)
+    norms = lax.bitcast_convert_type(word, jnp.float32)
+    if jnp.dtype(dt) == jnp.int8:
+        return decode_codes(table_ref, codes, dt, lut), norms
+    return decode_split(table_ref, codes, dt, lut), norms
 
 
 def _quantize_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -132,6 +137,18 @@ def _quantize_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     scale = jnp.where(amax > 0, amax * (1.0 / 127.0), 1.0)
     y = xf * (1.0 / scale)[:, None]
     return (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8), scale
+
+
+def _query_halves(q_refs, rows, rmask, rot_q: bool, d: int):
+    """The query tile in rotated space as (even, odd) coordinates [rows, D/2]: rotated here
+    (``q @ Pi^T``, float32-accurate, back to q's dtype) or loaded pre-rotated."""
+    bcols, bc_ok = _columns(d // 2)
+    if not rot_q:
+        return tuple(load_tile(q_refs[0], rows, rmask, 2 * bcols + i, bc_ok) for i in (0, 1))
+    cols, c_ok = _columns(d)
+    q = load_tile(q_refs[0], rows, rmask, cols, c_ok)
+    rt = [load_tile(ref, cols, c_ok, bcols, bc_ok) for ref in q_refs[1:]]
+    return tuple(dot_split(q, None, hi, lo).astype(q.dtype) for hi, lo in (rt[:2], rt[2:]))
 
 
 def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut, v_lut,
@@ -192,19 +209,20 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     bcols, bc_ok = _columns(d // 2)
     dot = partial(jnp.dot, preferred_element_type=jnp.float32)
 
-    q = load_tile(q_refs[0], phys, r_ok, cols, c_ok)
-    dt = q.dtype
-    if rot_q:  # q @ Pi^T, float32-accurate, back to q's dtype
-        rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in q_refs[1:])
-        q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
+    if k_tq4:  # compressed K: rotated query, even and odd coordinates apart
+        q_e, q_o = _query_halves(q_refs, phys, r_ok, rot_q, d)
+        dt = q_e.dtype
+    else:
+        q = load_tile(q_refs[0], phys, r_ok, cols, c_ok)
+        dt = q.dtype
     k_dt = dt
     if int8_qk:  # s = (q8 . k8) * q_scale * k_scale * norm_k
-        q, q_scale = _quantize_rows(q)
+        q, q_scale = _quantize_rows(interleave(q_e, q_o))
         k_dt, k_scale = jnp.int8, k_refs[-1][INT8_SCALE_AT]
 
     if paged is None:
-        k_tile = partial(_decode_tile, k_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=k_lut)
-        v_tile = partial(_decode_tile, v_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, lut=v_lut)
+        k_tile = partial(_decode_tile, k_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, planes=k_lut)
+        v_tile = partial(_decode_tile, v_refs, bcols=bcols, bc_ok=bc_ok, dt=dt, planes=v_lut)
     else:
         head = pl.program_id(1)
         lay, hb = paged.layout, head * (d // 2)
@@ -237,8 +255,8 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
             s = jnp.dot(q, k.T, preferred_element_type=jnp.int32).astype(jnp.float32)
             s = s * q_scale[:, None] * (k_norm * (k_scale * scale_log2))[None, :]
         elif k_tq4:
-            k, k_norm = k_tile(k_pos, kmask)
-            s = dot(q, k.T) * (k_norm * scale_log2)[None, :]
+            (k_e, k_o), k_norm = k_tile(k_pos, kmask)
+            s = (dot(q_e, k_e.T) + dot(q_o, k_o.T)) * (k_norm * scale_log2)[None, :]
         else:
             s = dot(q, load_tile(k_refs[0], k_pos, kmask, cols, c_ok).T) * scale_log2
         if masked:
@@ -253,18 +271,25 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
-        if v_tq4:
-            v, v_norm = v_tile(k_pos, kmask)
-            p = p * v_norm[None, :]
+        if v_tq4:  # acc = (even, odd) output coordinates
+            (v_e, v_o), v_norm = v_tile(k_pos, kmask)
+            pv = (p * v_norm[None, :]).astype(dt)
+            acc = (acc[0] * alpha[:, None] + dot(pv, v_e), acc[1] * alpha[:, None] + dot(pv, v_o))
         else:
-            v = load_tile(v_refs[0], k_pos, kmask, cols, c_ok)
-        return acc * alpha[:, None] + dot(p.astype(dt), v), m_new, l_new
+            acc = acc * alpha[:, None] + dot(p.astype(dt), load_tile(v_refs[0], k_pos, kmask,
+                                                                     cols, c_ok))
+        return acc, m_new, l_new
 
-    acc = jnp.zeros((bm, cols.shape[0]), jnp.float32)
+    if v_tq4:
+        acc = (jnp.zeros((bm, bcols.shape[0]), jnp.float32),) * 2
+    else:
+        acc = jnp.zeros((bm, cols.shape[0]), jnp.float32)
     m0 = jnp.full((bm,), M_INIT, jnp.float32)
     carry = (acc, m0, jnp.zeros_like(m0))
     carry = lax.fori_loop(0, n_safe, partial(body, masked=False), carry)
     acc, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
+    if v_tq4:
+        acc = interleave(*acc)
 
     out = acc * (1.0 / jnp.where(l_fin > 0, l_fin, 1.0))[:, None]
     if post:  # o @ Pi with o split into 16-bit halves (o is bounded by max |v|)
@@ -338,19 +363,28 @@ def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any)
     return outs, tuple(split_spec(sh) for sh in shapes)
 
 
-def rotate_in_xla(q: jnp.ndarray, rot: tuple) -> jnp.ndarray:
+class Rotation(NamedTuple):
+    """Pi [D, D] f32 as the kernels take it (16-bit halves in q's dtype, see split16):
+    ``q_halves`` = Pi^T's even columns (hi, lo), then its odd columns (hi, lo), [D, D/2] each,
+    for the pre-rotation; ``post`` = Pi (hi, lo) for the post-rotation; ``pi`` itself."""
+    q_halves: tuple
+    post: tuple
+    pi: jnp.ndarray
+
+
+def rotate_in_xla(q: jnp.ndarray, rot: Rotation) -> jnp.ndarray:
     """``q @ Pi^T`` outside the kernel (D > ROTATE_IN_KERNEL_MAX_D), in q's dtype."""
-    return jnp.matmul(q.astype(jnp.float32), rot[4].T,
+    return jnp.matmul(q.astype(jnp.float32), rot.pi.T,
                       precision=lax.Precision.HIGHEST).astype(q.dtype)
 
 
-def finish(outs, shape: tuple, dtype: Any, rot: tuple | None) -> jnp.ndarray:
+def finish(outs, shape: tuple, dtype: Any, rot: Rotation | None) -> jnp.ndarray:
     """Kernel outputs -> ``shape`` in ``dtype``: merge the splits (when there are several) and
     post-rotate with ``rot`` when that was not done in the kernel (``rot`` None: done)."""
     out = outs[0] if len(outs) == 1 else merge_splits(*outs)
     out = out.reshape(shape)
     if rot is not None:
-        out = jnp.matmul(out.astype(jnp.float32), rot[4], precision=lax.Precision.HIGHEST)
+        out = jnp.matmul(out.astype(jnp.float32), rot.pi, precision=lax.Precision.HIGHEST)
     return out.astype(dtype)
 
 
@@ -358,9 +392,10 @@ def finish(outs, shape: tuple, dtype: Any, rot: tuple | None) -> jnp.ndarray:
 def _attn_pallas(q, k_parts, v_parts, rot, mask, lens, *, k_lut, v_lut, causal, scale, cfg,
                  mode):
     """q [B, HQ, Sq, D]; k/v parts: (x,) dense [B, HKV, Sk, D] or (codes [B, HKV, Sk, D/2],
-    norms [B, HKV, Sk], codebook bits [16] uint16); rot: (Pi^T hi, lo, Pi hi, lo) [D, D] in
-    q's dtype, or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk]; lens: None
-    or int32 [2 * B] (key counts, then first-query positions).
+    norms [B, HKV, Sk], codebook table (:func:`_codebook_parts`)); rot: a :class:`Rotation`,
+    or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk]; lens: None or int32
+    [2 * B] (key counts, then first-query positions). ``k_lut``/``v_lut``: the tables are
+    prmt planes (compiled kernels).
 
     Returns [B, HQ, Sq, D] in q's dtype."""
     b, hq, sq, d = q.shape
@@ -376,12 +411,13 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, lens, *, k_lut, v_lut, causal, 
         return [head_spec(x, hkv) if x.ndim >= 3 else whole_spec(x) for x in parts]
 
     q_view = q.reshape(b, hkv, n_rows, d)
-    args = [q_view] + (list(rot[:2]) if rot_q else []) + list(k_parts) + list(v_parts)
-    in_specs = [head_spec(q_view, hkv)] + [whole_spec(x) for x in (rot[:2] if rot_q else [])]
+    q_rot = list(rot.q_halves) if rot_q else []
+    args = [q_view] + q_rot + list(k_parts) + list(v_parts)
+    in_specs = [head_spec(q_view, hkv)] + [whole_spec(x) for x in q_rot]
     in_specs += specs(k_parts) + specs(v_parts)
     if post:
-        args += list(rot[2:4])
-        in_specs += [whole_spec(x) for x in rot[2:4]]
+        args += list(rot.post)
+        in_specs += [whole_spec(x) for x in rot.post]
     mask_heads = False
     if mask is not None:
         bm_, hm = mask.shape[:2]
@@ -418,29 +454,32 @@ def merge_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray, axis: int = 2) 
             / jnp.where(total > 0, total, 1.0)[..., None])
 
 
-def _rotation_parts(rotation: jnp.ndarray, dtype: Any) -> tuple[jnp.ndarray, ...]:
-    """Pi [D, D] f32 -> (Pi^T hi, Pi^T lo, Pi hi, Pi lo) in ``dtype`` (see split16), and Pi."""
-    return (*split16(rotation.T, dtype), *split16(rotation, dtype), rotation)
+def _rotation_parts(rotation: jnp.ndarray, dtype: Any) -> Rotation:
+    """Pi [D, D] f32 -> its :class:`Rotation` in ``dtype``."""
+    rt = rotation.T
+    return Rotation((*split16(rt[:, 0::2], dtype), *split16(rt[:, 1::2], dtype)),
+                    split16(rotation, dtype), rotation)
 
 
-def _codebook_parts(centroids, raw_centroids, dtype) -> tuple[jnp.ndarray, Any]:
-    """A codebook's kernel table (:func:`codebook_bits`) and its static LUT: the bit patterns
-    when ``raw_centroids`` (the caller's argument) is concrete - a numpy or committed jax
-    array, also when closed over by a jit-ed caller - and kernels are compiled; None
-    otherwise (the kernel then gathers from the table)."""
-    bits = codebook_bits(pad_codebook(centroids), dtype)
-    lut = None
-    if not kernel_mode().interpret and not isinstance(raw_centroids, jax.core.Tracer):
-        c = np.zeros(CODEBOOK_SLOTS, np.float32)
-        c[:np.size(raw_centroids)] = np.asarray(raw_centroids, np.float32).ravel()
-        lut = tuple(int(x) for x in c.astype(dtype).view(np.uint16))
-    return bits, lut
+def _codebook_parts(centroids, dtype, raw: Any = None) -> tuple[jnp.ndarray, Any]:
+    """A codebook -> its kernel table (:func:`codebook_table`) and how the kernel decodes
+    (:func:`decode_split`'s ``planes``): in interpret mode False (gathers from the 16-bit
+    patterns); compiled, the static planes when ``raw`` (the caller's codebook) is concrete -
+    a numpy or committed jax array, also when closed over by a jit-ed caller - else True
+    (planes loaded from the table)."""
+    if kernel_mode().interpret:
+        return codebook_table(pad_codebook(centroids), dtype, False), False
+    table = codebook_table(pad_codebook(centroids), dtype, True)
+    if raw is not None and not isinstance(raw, jax.core.Tracer):
+        return table, static_planes(raw, dtype)
+    return table, True
 
 
-def _codes_parts(packed, norms, centroids, raw_centroids, dtype) -> tuple[tuple, Any]:
-    """Kernel inputs (codes, norms, codebook table) of one compressed operand, and its LUT."""
-    bits, lut = _codebook_parts(centroids, raw_centroids, dtype)
-    return (packed, norms, bits), lut
+def _codes_parts(packed, norms, centroids, dtype, raw: Any = None) -> tuple[tuple, Any]:
+    """Kernel inputs (codes, norms, codebook table) of one compressed operand, and its
+    decode mode (:func:`_codebook_parts`)."""
+    table, planes = _codebook_parts(centroids, dtype, raw)
+    return (packed, norms, table), planes
 
 
 def _run(q, k_parts, v_parts, rotation, mask, *, k_lut=None, v_lut=None, causal, scale,
@@ -651,7 +690,7 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     k_packed [B, HKV, Sk, D/2] uint8, k_norms [B, HKV, Sk] f32, v [B, HKV, Sk, D],
     centroids [2**bits] f32, rotation Pi [D, D]. Returns q's shape and dtype.
     """
-    raw = centroids
+    raw_k = centroids
     q, k_packed, k_norms, centroids, rotation, scale = _check_tq4_args(
         q, k_packed, k_norms, centroids, rotation, sm_scale)
     sk = k_packed.shape[2]
@@ -663,7 +702,7 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     if resolve_impl(impl) == "reference":
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         return _reference(q, k, v, scale, bool(is_causal), mask, lens)
-    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw, q.dtype)
+    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, q.dtype, raw_k)
     return _run(q, k_parts, (v,), rotation, mask, k_lut=k_lut, causal=bool(is_causal),
                 scale=scale, lens=lens)
 
@@ -696,8 +735,8 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
         k = dequantize_reference(k_packed, k_norms, centroids, rotation, jnp.float32)
         v = dequantize_reference(v_packed, v_norms, v_centroids, rotation, jnp.float32)
         return _reference(q, k, v, scale, bool(is_causal), mask, lens)
-    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, raw_k, q.dtype)
-    v_parts, v_lut = _codes_parts(v_packed, v_norms, v_centroids, raw_v, q.dtype)
+    k_parts, k_lut = _codes_parts(k_packed, k_norms, centroids, q.dtype, raw_k)
+    v_parts, v_lut = _codes_parts(v_packed, v_norms, v_centroids, q.dtype, raw_v)
     return _run(q, k_parts, v_parts, rotation, mask, k_lut=k_lut, v_lut=v_lut,
                 causal=bool(is_causal), scale=scale, lens=lens)
 

@@ -198,10 +198,10 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
         n_blocks = schedule_blocks(n, n_seqs, group, cfg.block_m)
         sched = paged_schedule(query_start_loc, group, cfg.block_m, n_blocks)
     rows = n * hq
-    args = [q.reshape(rows, d)] + (list(rot[:2]) if in_kernel else [])
+    args = [q.reshape(rows, d)] + (list(rot.q_halves) if in_kernel else [])
     args += [kv_cache.reshape(-1, kv_cache.shape[2]), block_table.reshape(-1), seq_lens,
              query_start_loc, sched, k_table, v_bits]
-    args += list(rot[2:4]) if in_kernel else []
+    args += list(rot.post) if in_kernel else []
     out_dt = q.dtype if in_kernel else jnp.float32
     if splits == 1:
         out_shape = (jax.ShapeDtypeStruct((rows, d), out_dt),)
@@ -229,8 +229,8 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
 
 
 def _check_codebooks(centroids, v_centroids, rotation, sm_scale, head_dim):
-    """-> (raw K codebook, raw V codebook (for the static LUTs), checked K and V codebooks,
-    rotation, softmax scale)."""
+    """-> (raw K and V codebooks (for static LUTs), checked K and V codebooks, rotation,
+    softmax scale)."""
     raw_k, raw_v = centroids, (centroids if v_centroids is None else v_centroids)
     centroids = ck.check_centroids(centroids)
     v_centroids = centroids if v_centroids is None else ck.check_centroids(v_centroids,
@@ -288,7 +288,7 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
     """
     q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
                                                        num_kv_heads, head_dim, block_size)
-    (raw_k, raw_v, centroids, v_centroids, rotation, scale) = _check_codebooks(
+    raw_k, raw_v, centroids, v_centroids, rotation, scale = _check_codebooks(
         centroids, v_centroids, rotation, sm_scale, head_dim)
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -298,14 +298,15 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
                                       block_size=block_size, sm_scale=scale,
                                       v_centroids=v_centroids).astype(q.dtype)
     _check_cache_size(kv_cache)
-    k_bits, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
-    v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
+    k_bits, k_lut = _codebook_parts(centroids, q.dtype, raw_k)
+    v_bits, v_lut = _codebook_parts(v_centroids, q.dtype, raw_v)
     s, hq, d = q.shape
     cfg = choose_config(s, num_kv_heads, hq // num_kv_heads, block_table.shape[1] * block_size,
                         d, compressed=True)
     paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
-    return _paged_pallas(q, kv_cache, block_table, seq_lens, None, k_bits, v_bits, _rotation_parts(rotation, q.dtype), paged=paged,
-                         k_lut=k_lut, v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
+    return _paged_pallas(q, kv_cache, block_table, seq_lens, None, k_bits, v_bits,
+                         _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
+                         v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
 
 
 
@@ -373,7 +374,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
         raise ValueError(f"query_start_loc must have shape ({seq_lens.shape[0] + 1},) "
                          f"(num_seqs + 1), got {tuple(qsl.shape)}")
     use_int8_qk = INT8_QK_DEFAULT if use_int8_qk is None else bool(use_int8_qk)
-    (raw_k, raw_v, centroids, v_centroids, rotation, scale) = _check_codebooks(
+    raw_k, raw_v, centroids, v_centroids, rotation, scale = _check_codebooks(
         centroids, v_centroids, rotation, sm_scale, head_dim)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -386,8 +387,8 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     if use_int8_qk:
         k_table, k_lut = _int8_parts(centroids, raw_k)
     else:
-        k_table, k_lut = _codebook_parts(centroids, raw_k, q.dtype)
-    v_bits, v_lut = _codebook_parts(v_centroids, raw_v, q.dtype)
+        k_table, k_lut = _codebook_parts(centroids, q.dtype, raw_k)
+    v_bits, v_lut = _codebook_parts(v_centroids, q.dtype, raw_v)
     n, hq, d = q.shape
     s = seq_lens.shape[0]
     cap = block_table.shape[1] * block_size

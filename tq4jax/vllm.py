@@ -36,10 +36,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (codebook_bits, decode_codes, dot_split, load_tile, split16, store_rows,
-                     store_tile, tile_index)
+from ._tiles import (decode_split, dot_split, interleave, load_tile, split16,
+                     store_rows, store_tile, tile_index)
 from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts, _columns,
-                        attention_reference)
+                        _query_halves, _rotation_parts, attention_reference)
 from .codec import bucketize
 from .layout import (CODEBOOK_SLOTS, FP8_E4M3_MAX, FP16_MAX, VLLM_MIN_SCALE, VLLM_NC_EPS,
                      VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, pad_codebook, vllm_slot)
@@ -274,28 +274,29 @@ def _fetch_slots(cache_ref, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
     return key, val
 
 
-def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, lut, nc: bool):
-    """Key tiles -> (k [R, Dp] in ``dt``, per-key factor f32 [R] or None): rotated-space
-    centroids times the factor (the fp16 norm, divided by the centroid vector's own norm with
-    ``nc``), or the raw fp8 key (factor None)."""
+def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool, nc: bool):
+    """Key tiles -> (k, per-key factor f32 [R] or None): MSE keys give rotated-space
+    centroids as (even, odd) coordinates [R, Dp/2] in ``dt`` and the factor (the fp16 norm,
+    divided by the centroid vector's own norm with ``nc``); fp8 keys give the raw key
+    [R, Dp] and None."""
     if lay.key_fp8:
         return lax.bitcast_convert_type(raw[0], jnp.float8_e4m3fn).astype(dt), None
     codes = _codes_from_raw(raw[:-1], lay.mse_bits, lay.head_dim)
-    c = decode_codes(table_ref, codes, dt, lut, low_first=True)
+    halves = decode_split(table_ref, codes, dt, planes, low_first=True)
     norm = _fp16_from_raw(raw[-1])
     if nc:
-        cols, c_ok = _columns(lay.head_dim)
-        cf = c.astype(jnp.float32)
-        if c_ok is not None:  # padded coordinates decode c[0]
-            cf = jnp.where(c_ok[None, :], cf, 0.0)
-        norm = norm / jnp.sqrt(jnp.sum(cf * cf, axis=1) + VLLM_NC_EPS)
-    return c, norm
+        _, h_ok = _columns(lay.head_dim // 2)
+        sq = sum(jnp.sum(jnp.where(h_ok[None, :], c, 0.0) if h_ok is not None else c, axis=1)
+                 for c in (x.astype(jnp.float32) ** 2 for x in halves))  # padding decodes c[0]
+        norm = norm / jnp.sqrt(sq + VLLM_NC_EPS)
+    return halves, norm
 
 
-def _value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, lut):
-    """Value tiles -> (integer levels [R, Dp] in ``dt``, scale f32 [R], zero f32 [R])."""
+def _value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool):
+    """Value tiles -> ((even, odd) integer levels [R, Dp/2] in ``dt``, scale f32 [R],
+    zero f32 [R])."""
     codes = _codes_from_raw(raw[:-2], lay.value_bits, lay.head_dim)
-    levels = decode_codes(table_ref, codes, dt, lut, low_first=True)
+    levels = decode_split(table_ref, codes, dt, planes, low_first=True)
     return levels, _fp16_from_raw(raw[-2]), _fp16_from_raw(raw[-1])
 
 
@@ -308,14 +309,13 @@ def _slot_rows(bt_ref, bt_base, pos, pmask, block_size: int, hkv: int, head, n_b
     return (jnp.clip(blk, 0, n_blocks - 1) * block_size + pos % block_size) * hkv + head
 
 
-def _value_table(dt) -> tuple[jnp.ndarray, tuple[int, ...] | None]:
-    """Identity table (level i -> i) for the value codes in ``dt`` and its static LUT."""
+def _value_table(dt) -> tuple[jnp.ndarray, Any]:
+    """Identity table (level i -> i) for the value codes in ``dt`` and its decode mode (as
+    :func:`attention._codebook_parts`, static; float32: the plain levels, gathered)."""
     levels = np.arange(CODEBOOK_SLOTS, dtype=np.float32)
     if jnp.dtype(dt) == jnp.float32:
-        return jnp.asarray(levels), None
-    lut = None if kernel_mode().interpret else tuple(
-        int(x) for x in levels.astype(dt).view(np.uint16))
-    return codebook_bits(jnp.asarray(levels), dt), lut
+        return jnp.asarray(levels), False
+    return _codebook_parts(levels, dt, levels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,9 +543,8 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
     """Stage 1: program (sequence b, KV head h, split) -> for the group's query heads, the
     split's normalized output ``acc / l`` and ``m + log l`` (natural log), rows
     ``((b * H_Q + hq) * splits + split)``. An empty split writes nothing."""
-    if rot_q:
-        rth_ref, rtl_ref, *refs = refs
-    cache_ref, bt_ref, lens_ref, k_table, v_table, o_ref, lse_ref = refs
+    q_refs = (q_ref, *refs[:4]) if rot_q else (q_ref,)
+    cache_ref, bt_ref, lens_ref, k_table, v_table, o_ref, lse_ref = refs[4 if rot_q else 0:]
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bn, d = cfg.block_n, lay.head_dim
     max_blocks = bt_ref.shape[0] // lens_ref.shape[0]
@@ -560,11 +559,11 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         r, r_ok = tile_index(0, block_m, group)
         qrow = (b * hkv + h) * group + r
         cols, c_ok = _columns(d)
-        q = load_tile(q_ref, qrow, r_ok, cols, c_ok)
-        dt = q.dtype
-        if rot_q:  # q @ Pi^T, float32-accurate, back to q's dtype
-            rt_hi, rt_lo = (load_tile(ref, cols, c_ok, cols, c_ok) for ref in (rth_ref, rtl_ref))
-            q = dot_split(q, None, rt_hi, rt_lo).astype(dt)
+        if lay.key_fp8:  # raw keys: the raw query
+            q = load_tile(q_ref, qrow, r_ok, cols, c_ok)
+        else:  # rotated query, even and odd coordinates apart
+            q = _query_halves(q_refs, qrow, r_ok, rot_q, d)
+        dt = q.dtype if lay.key_fp8 else q[0].dtype
         dot = partial(jnp.dot, preferred_element_type=jnp.float32)
         slot_rows = partial(_slot_rows, bt_ref, b * max_blocks, block_size=block_size, hkv=hkv,
                             head=h, n_blocks=n_blocks)
@@ -577,20 +576,24 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         def step(carry, raw, ok):  # online softmax over one fetched tile (ok: lane mask)
             acc, zacc, m_prev, l_prev = carry
             k, kf = _key_from_raw(raw[0], lay, k_table, dt, k_lut, nc)
-            s = dot(q, k.T)
-            s = s * scale_log2 if kf is None else s * (kf * scale_log2)[None, :]
+            if kf is None:
+                s = dot(q, k.T) * scale_log2
+            else:
+                s = (dot(q[0], k[0].T) + dot(q[1], k[1].T)) * (kf * scale_log2)[None, :]
             if ok is not None:
                 s = jnp.where(ok[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
             alpha = jnp.exp2(m_prev - m_new)
             p = jnp.exp2(s - m_new[:, None])
             lev, v_scale, v_zero = _value_from_raw(raw[1], lay, v_table, dt, v_lut)
-            acc = acc * alpha[:, None] + dot((p * v_scale[None, :]).astype(dt), lev)
+            pv = (p * v_scale[None, :]).astype(dt)  # acc: (even, odd) output coordinates
+            acc = tuple(a * alpha[:, None] + dot(pv, x) for a, x in zip(acc, lev))
             zacc = zacc * alpha + jnp.sum(p * v_zero[None, :], axis=1)
             return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1)
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
-        carry = (jnp.zeros((block_m, cols.shape[0]), jnp.float32), zero_rows,
+        half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
+        carry = ((half, half), zero_rows,
                  jnp.full((block_m,), M_INIT, jnp.float32), zero_rows)
         n_full = (stop - start) // bn
         if cfg.prefetch:  # whole tiles, each fetching the next before decoding its own
@@ -610,7 +613,8 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
 
         acc, zacc, m, l_fin = lax.fori_loop(n_full, pl.cdiv(stop - start, bn), tail, carry)
         orow = qrow * splits + sp
-        store_tile(o_ref, orow, r_ok, cols, c_ok, (acc + zacc[:, None]) / l_fin[:, None])
+        out = (interleave(*acc) + zacc[:, None]) / l_fin[:, None]
+        store_tile(o_ref, orow, r_ok, cols, c_ok, out)
         store_rows(lse_ref, orow, r_ok, (m + jnp.log2(l_fin)) * LN2)
 
 
@@ -642,7 +646,7 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
                            precision=lax.Precision.HIGHEST).astype(dt)
     v_table, _ = _value_table(dt)
     args = [query.reshape(b * hq, d)]
-    args += list(split16(rotation.T, dt)) if rot_q else []  # loaded with masks
+    args += list(_rotation_parts(rotation, dt).q_halves) if rot_q else []
     args += [kv_cache.reshape(nb * bs * hkv, sb), block_table.reshape(-1), seq_lens, k_table,
              v_table]
     rows = b * hq * splits
@@ -710,12 +714,10 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
         return _decode_reference(query, kv_cache, block_table, seq_lens, rotation, centroids,
                                  lay, nc, scale).astype(query.dtype)
     if lay.key_fp8:
-        k_table, k_lut = centroids, None
+        k_table, k_lut = centroids, False
         rotation = jnp.zeros((lay.head_dim, lay.head_dim), jnp.float32)
     else:
-        # the caller's own codebook (a numpy or committed array, also when a jit-ed caller
-        # closes over it) gives a static prmt LUT; a traced one is gathered from memory
-        k_table, k_lut = _codebook_parts(centroids, raw_centroids, query.dtype)
+        k_table, k_lut = _codebook_parts(centroids, query.dtype, raw_centroids)
     return _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, lay=lay,
                           nc=nc, k_lut=k_lut, v_lut=_value_table(query.dtype)[1], scale=scale,
                           splits=max_num_kv_splits,
@@ -767,11 +769,11 @@ def _dequant_kernel(cache_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref,
     rows = _slot_rows(bt_ref, b * max_blocks, pos, valid, block_size, hkv, h,
                       cache_ref.shape[0] // (block_size * hkv))
     raw_k, raw_v = _fetch_slots(cache_ref, rows, valid, lay)
-    k, kf = _key_from_raw(raw_k, lay, k_table, jnp.float32, None, nc)
+    k, kf = _key_from_raw(raw_k, lay, k_table, jnp.float32, False, nc)
     if kf is not None:
-        k = k * kf[:, None]
-    lev, v_scale, v_zero = _value_from_raw(raw_v, lay, v_table, jnp.float32, None)
-    v = lev * v_scale[:, None] + v_zero[:, None]
+        k = interleave(*k) * kf[:, None]
+    lev, v_scale, v_zero = _value_from_raw(raw_v, lay, v_table, jnp.float32, False)
+    v = interleave(*lev) * v_scale[:, None] + v_zero[:, None]
     cols, c_ok = _columns(lay.head_dim)
     orow = bh * max_seq + pos
     keep = valid[:, None]
