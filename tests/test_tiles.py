@@ -106,6 +106,15 @@ def run_ptx(text: str, regs: dict) -> dict:
             regs[dst] = a[0] << a[1]
         elif name == "prmt":
             regs[dst] = prmt(*(x.astype(np.uint32) for x in np.broadcast_arrays(*a)))
+        elif name == "fma":  # fma.rn.{f16x2,bf16x2} on exactly representable values
+            dt = np.float16 if op.endswith(".f16x2") else jnp.bfloat16
+            lanes = []
+            for sh in (0, 16):
+                f = [np.asarray((x >> np.uint32(sh)) & 0xFFFF, np.uint16).view(dt).astype(
+                    np.float64) for x in np.broadcast_arrays(*a)]
+                r = np.asarray(f[0] * f[1] + f[2]).astype(dt).view(np.uint16)
+                lanes.append(r.astype(np.uint32) << np.uint32(sh))
+            regs[dst] = lanes[0] | lanes[1]
         elif name == "lop3":
             regs[dst] = lop3(a[0], a[1], a[2], int(src[3], 16))
         else:
@@ -113,20 +122,22 @@ def run_ptx(text: str, regs: dict) -> dict:
     return regs
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("table", ["general", "symmetric", "linear"])
 @pytest.mark.parametrize("low_first", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_split_asm_decodes_every_byte(rng, dtype, low_first, symmetric):
+def test_split_asm_decodes_every_byte(rng, dtype, low_first, table):
     """4 code bytes in $2 and the table planes -> $0/$1 = the 4 even (or odd) coordinates:
     (c[even(b0)], c[even(b1)]), (c[even(b2)], c[even(b3)]) with even = the high nibble
     (``low_first``: the low nibble, vLLM's order)."""
     cent = (rng.standard_normal(16) * 0.3).astype(np.float32)  # arbitrary, unsorted
-    if symmetric:  # c[15 - j] == -c[j]: the 4-word table of entries 8-15
+    if table == "symmetric":  # c[15 - j] == -c[j]: the 4-word table of entries 8-15
         cent[:8] = -cent[:7:-1]
+    if table == "linear":  # entry n = n (vLLM's value levels): bit tricks, no table
+        cent = np.arange(16, dtype=np.float32)
     bits = np.asarray(codebook_bits(jnp.asarray(cent), dtype)).astype(np.uint32)
     planes = np.asarray(lut_planes(jnp.asarray(bits, jnp.uint16))).view(np.uint32)
     static = static_planes(cent, dtype)
-    assert len(static) == (4 if symmetric else 8)
+    assert static[0] == table
     b = rng.integers(0, 256, (4, 4096)).astype(np.uint32)
     for k in range(4):  # every byte in every position
         b[k, :256] = np.roll(np.arange(256), 64 * k)

@@ -170,18 +170,26 @@ def lut_planes(bits16: Any, xp: Any = jnp) -> Any:
     return planes.view(xp.int32) if xp is np else lax.bitcast_convert_type(planes, jnp.int32)
 
 
-def static_planes(centroids: Any, dtype: Any) -> tuple[int, ...]:
-    """A concrete codebook (up to 16 entries) -> its table for the unary (immediate) form of
-    :func:`split_lut_asm`, as Python ints: the 8 :func:`lut_planes` words, or 4 words (the
-    byte planes of entries 8-15) when the codebook is antisymmetric in ``dtype``
-    (c[15 - j] == -c[j] bit for bit, as Lloyd-Max codebooks are)."""
+#: 16-bit patterns of 1.0 and of the magic base B (B + n is exact and its low bits are n).
+_MAGIC = {"float16": (0x3C00, 0x6400), "bfloat16": (0x3F80, 0x4300)}
+
+
+def static_planes(centroids: Any, dtype: Any) -> tuple:
+    """A concrete codebook (up to 16 entries) -> its static table for the unary (immediate)
+    form of :func:`split_lut_asm`, tagged: ("linear", one, -base) when entry n is n itself
+    (vLLM's value levels: decoded by bit tricks); ("symmetric", 4 words: the byte planes of
+    entries 8-15) when the codebook is antisymmetric in ``dtype`` (c[15 - j] == -c[j] bit for
+    bit, as Lloyd-Max codebooks are); else ("general", the 8 :func:`lut_planes` words)."""
     c = np.zeros(16, np.float32)
     c[:np.size(centroids)] = np.asarray(centroids, np.float32).ravel()
     bits = c.astype(dtype).view(np.uint16)
     planes = tuple(int(w) for w in lut_planes(bits, np))
+    if np.array_equal(c, np.arange(16)) and jnp.dtype(dtype).name in _MAGIC:
+        one, base = _MAGIC[jnp.dtype(dtype).name]
+        return ("linear", one * 0x10001, (base | 0x8000) * 0x10001)
     if np.array_equal(bits[::-1], bits ^ np.uint16(0x8000)):
-        return planes[2:4] + planes[6:8]
-    return planes
+        return ("symmetric",) + planes[2:4] + planes[6:8]
+    return ("general",) + planes
 
 
 def split_lut_asm(odd: bool, low_first: bool = False,
@@ -189,16 +197,17 @@ def split_lut_asm(odd: bool, low_first: bool = False,
     """PTX of one split-decode instance (pack=4): $2 holds 4 code bytes, $0/$1 get their even
     (``odd``: odd) coordinates, two 16-bit values each. Even coordinates are high nibbles
     (``low_first``: low nibbles). The table planes are the operands _PLANE_REGS, or with
-    static ``planes`` (8 ints) immediates: then the asm is unary, and Triton can move a
-    following layout conversion to the code load instead of the decoded tile."""
-    if planes is not None and len(planes) == 4:
-        return _symmetric_lut_asm(odd, low_first, planes)
+    static ``planes`` (:func:`static_planes`) immediates: then the asm is unary, and Triton
+    can move a following layout conversion to the code load instead of the decoded tile."""
+    if planes is not None and planes[0] != "general":
+        form = {"symmetric": _symmetric_lut_asm, "linear": _linear_lut_asm}[planes[0]]
+        return form(odd, low_first, planes[1:])
     lines = ["{", ".reg .b32 s0, s1, x4, m0, m1, lx, ly, hx, hy, l, h;"]
     regs = _PLANE_REGS
     if planes is not None:
         regs = tuple(f"t{k}" for k in range(8))
         lines += [f".reg .b32 {', '.join(regs)};"]
-        lines += [f"mov.b32 t{k}, {w & 0xFFFFFFFF:#x};" for k, w in enumerate(planes)]
+        lines += [f"mov.b32 t{k}, {w & 0xFFFFFFFF:#x};" for k, w in enumerate(planes[1:])]
     l0, l1, l2, l3, h0, h1, h2, h3 = regs
     pair = _PAIR_SEL_SPLIT[odd != low_first]
     lines += ["and.b32 s0, $2, 0x7777;", "shr.b32 s1, $2, 16;", "and.b32 s1, s1, 0x7777;",
@@ -235,6 +244,26 @@ def _symmetric_lut_asm(odd: bool, low_first: bool, planes: tuple[int, ...]) -> s
     return "\n".join(lines + ["}"])
 
 
+def _linear_lut_asm(odd: bool, low_first: bool, consts: tuple[int, int]) -> str:
+    """:func:`split_lut_asm` for the identity table (entry n = n): each nibble goes into the
+    low mantissa bits of the magic base B (exact B + n), then one fma per pair subtracts B.
+    12 instructions for 8 coordinates."""
+    one, neg_base = consts
+    base = (neg_base & 0x7FFF) * 0x10001
+    ty = "bf16x2" if one & 0xFFFF == _MAGIC["bfloat16"][0] else "f16x2"
+    shift = odd == low_first  # this half's nibbles are the high ones
+    lines = ["{", ".reg .b32 y, z, c1, cb;", "mov.b32 z, 0;", f"mov.b32 c1, {one:#x};",
+             f"mov.b32 cb, {neg_base:#x};"]
+    for half in (0, 1):  # bytes (0, 1), then (2, 3) -> the two 16-bit lanes
+        sel = 0x4140 if half == 0 else 0x4342
+        lines += [f"prmt.b32 y, $2, z, {sel:#x};"]
+        if shift:
+            lines += ["shr.b32 y, y, 4;"]
+        lines += ["and.b32 y, y, 0x000F000F;", f"or.b32 y, y, {base:#x};",
+                  f"fma.rn.{ty} ${half}, y, c1, cb;"]
+    return "\n".join(lines + ["}"])
+
+
 def codebook_table(centroids16: jnp.ndarray, dtype: Any, planes: bool) -> jnp.ndarray:
     """A codebook's in-kernel table for :func:`decode_split`: :func:`lut_planes` (compiled
     kernels) or the :func:`codebook_bits` (interpret mode gathers)."""
@@ -250,7 +279,7 @@ def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool,
     (compiled kernels); a tuple: the planes themselves (static), ``table_ref`` unused; False:
     ``table_ref`` is the :func:`codebook_bits`, two gathers per byte."""
     if planes:
-        static = isinstance(planes, tuple)
+        static = isinstance(planes, tuple)  # static_planes
         b = lax.bitcast_convert_type(packed, jnp.int8)  # Triton integers are signless
         words = [] if static else [jnp.full(packed.shape, table_ref[k], jnp.int32)
                                    for k in range(8)]
