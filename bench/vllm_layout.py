@@ -3,10 +3,10 @@
 importable) and tq4jax's paged_decode on the turboquant-vllm layout (family A) of the same
 tokens. Also: stage 1 alone (the split merge's cost), the store and full_dequant_kv.
 
-    PYTHONPATH=. python3 bench/vllm_layout.py [--quick] [--sweep]
+    PYTHONPATH=. python3 bench/vllm_layout.py [--quick] [--sweep [PRESET]]
 
-``--sweep`` times decode configurations (splits x block_n x warps) of turboquant_4bit_nc at
-32K and prints them best first.
+``--sweep [PRESET]`` times decode configurations (splits x block_n x warps x stages) of a
+preset (default turboquant_4bit_nc) at 32K instead and prints them best first.
 """
 
 from __future__ import annotations
@@ -82,40 +82,42 @@ def baselines(ctx: int, q, k, v, table, slots, lens) -> dict[str, float]:
     return res
 
 
-def sweep(q, k, v, table, slots, lens) -> None:
-    pr = V.preset("turboquant_4bit_nc", D)
+def sweep(q, k, v, table, slots, lens, name: str = "turboquant_4bit_nc") -> None:
+    pr = V.preset(name, D)
     pi = tq.hadamard_rotation(D, seed=1)
-    cent, _ = tq.lloyd_max(D, 4)
+    cent, _ = tq.lloyd_max(D, pr.mse_bits)
     cache, _ = store_case(pr, k, v, slots, pi, cent)
     rows = []
     for splits in (16, 32):
-        for bn, nw, pf in [(b, w, f) for b in (64, 128) for w in (4, 8) for f in (True, False)]:
-            cfg = V.DecodeConfig(bn, nw, 2, pf)
+        for bn, nw, st in [(b, w, t) for b in (32, 64, 128) for w in (4, 8) for t in (2, 3)]:
+            cfg = V.DecodeConfig(bn, nw, st)
             try:
                 ms = time_ms(decode_fn(pr, pi, cent, splits, cfg), q, cache, table, lens)
             except Exception as e:  # noqa: BLE001
                 print(f"  splits {splits} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
                 continue
             rows.append((ms, splits, cfg))
-    print("\n# sweep: turboquant_4bit_nc decode, B=8, 32K\n\n| ms | splits | block_n | warps "
-          "| prefetch |\n|---|---|---|---|---|")
+    print(f"\n# sweep: {name} decode, B=8, 32K\n\n| ms | splits | block_n | warps "
+          "| stages |\n|---|---|---|---|---|")
     for ms, splits, cfg in sorted(rows, key=lambda r: r[0]):
-        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} | {cfg.prefetch} |")
+        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="?", const="turboquant_4bit_nc", metavar="PRESET")
     a = ap.parse_args()
+    if a.sweep:
+        print(f"# vLLM-layout decode sweep: {device_line()}")
+        sweep(*make_tokens(32768), a.sweep)
+        return
     copy = copy_bandwidth_gbs()
     print(f"# vLLM-layout decode bench: {device_line()}; B={B}, {HQ}/{HKV} heads, D={D}, "
           f"block {BS}; copy bandwidth {copy:.0f} GB/s")
     rows = []
     for ctx in ((8192,) if a.quick else (8192, 32768)):
         q, k, v, table, slots, lens = make_tokens(ctx)
-        if a.sweep and ctx == 32768:
-            sweep(q, k, v, table, slots, lens)
         base = baselines(ctx, q, k, v, table, slots, lens)
         for name in V.PRESETS:
             pr = V.preset(name, D)

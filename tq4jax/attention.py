@@ -2,8 +2,11 @@
 
 One FlashAttention-2 forward kernel serves all three: K and V tiles come either dense
 (fp16/bf16) or as TQ4 codes that are decoded right after their load and never exist in device
-memory. Decoding a code byte needs no memory access when the codebook is known at trace time
-(a 16-entry register table read with PTX ``prmt``); otherwise it gathers from a 32-byte table.
+memory. A code tile decodes in registers (PTX ``prmt`` on a 16-entry table held in registers,
+:func:`_tiles.decode_split`) into its even and its odd coordinates, and each half feeds its own
+tensor-core dot: ``s = q_even @ k_even^T + q_odd @ k_odd^T``, ``acc_even += p @ v_even``. A
+codebook known at trace time is an immediate table (4 words when antisymmetric, as Lloyd-Max
+codebooks are); a traced one is loaded once per program. Interpret mode gathers instead.
 Norms are applied to scores and probabilities, not to decoded elements:
 ``s = norm_k * (q_rot . c[k_codes])``, ``acc += (p * norm_v) @ c[v_codes]``.
 

@@ -518,17 +518,20 @@ class DecodeConfig(NamedTuple):
     through the block table, which Triton's pipeliner does not stage)."""
     block_n: int = 128
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     prefetch: bool = False
 
 
 def default_config(head_dim: int, value_bits: int = 4) -> DecodeConfig:
-    """Measured on an H200 (bench/vllm_layout.py --sweep, D=128, B=8, 32K): 128-key tiles,
-    4 warps, no prefetch (0.54 ms; prefetch 0.60; 8 warps 0.61); 3-bit values 64-key tiles
-    (1.11 vs 1.49 ms: their 4 gathers per tile raise register pressure); wide heads 32."""
+    """Measured on an H200 (bench/vllm_layout.py --sweep [PRESET], D=128, B=8, 32K): 128-key
+    tiles, 4 warps, 3 stages for every preset (turboquant_4bit_nc 0.389-0.415 ms, 2 stages
+    0.400-0.413, 8 warps 0.6-0.7; turboquant_3bit_nc 0.501 vs 1.33 with 64-key tiles, which
+    were faster before values decoded as even/odd halves); no prefetch (0.60 vs 0.54 ms, as
+    measured before); wide heads 32-key tiles."""
+    del value_bits  # one tiling fits all presets since the halves decode
     if head_dim > 128:
-        return DecodeConfig(block_n=32)
-    return DecodeConfig(block_n=64 if value_bits == 3 else 128)
+        return DecodeConfig(block_n=32, num_stages=2)
+    return DecodeConfig()
 
 
 def _split_len(seq_len, splits: int, block_n: int):
