@@ -151,11 +151,13 @@ def decode_codes(table_ref: Any, packed: jnp.ndarray, dtype: Any,
 # Split decode (the attention kernels' path): an asm instance reads 4 code bytes (8 nibbles)
 # and writes the 4 even or the 4 odd coordinates as 16-bit values, so no join or shuffle is
 # needed and each half feeds its own tensor-core dot. The even and the odd instance hold the
-# same lookup code (ptxas merges it; a Pallas asm call has one result). The 16-entry table
-# comes in as 8 registers (byte planes, :func:`lut_planes`) loaded once per program - any
-# codebook, traced or not. Per 4 nibbles: 4 prmt look up entries 0-7 and 8-15 of both planes,
-# a prmt in sign-replicate mode turns each nibble's bit 3 into a 0x00/0xFF byte mask, 2 lop3
-# pick by it, 2 prmt pair the planes into 16-bit values: 23 instructions for 8 coordinates.
+# same lookup code (ptxas merges it; a Pallas asm call has one result). The 16-entry table is
+# 8 words of byte planes (:func:`lut_planes`): immediates for a codebook known at trace time
+# (:func:`static_planes`, also a 4-word antisymmetric and a table-free linear form), otherwise
+# asm operands loaded from memory. General form, per 4 nibbles: 4 prmt look up entries 0-7 and
+# 8-15 of both planes, a prmt in sign-replicate mode turns each nibble's bit 3 into a 0x00/0xFF
+# byte mask, 2 lop3 pick by it, 2 prmt pair the planes into 16-bit values: 23 instructions for
+# 8 coordinates.
 _PAIR_SEL_SPLIT = (0x7351, 0x6240)  # lanes (n1, n3), (n0, n2): a byte's high, low nibbles
 _PLANE_REGS = tuple(f"${3 + 4 * k}" for k in range(8))  # table arg k, pack 4: $3+4k .. $6+4k
 
@@ -271,7 +273,7 @@ def codebook_table(centroids16: jnp.ndarray, dtype: Any, planes: bool) -> jnp.nd
     return lut_planes(bits) if planes else bits
 
 
-def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool,
+def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool | tuple,
                  low_first: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """uint8 code tile [R, C] -> (even coordinates, odd coordinates), each [R, C] in ``dtype``
     (fp16/bf16). Byte j holds coordinates 2j (high nibble; ``low_first``: low nibble) and

@@ -101,7 +101,7 @@ def _columns(width: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     return cols, (None if next_pow2(width) == width else ok)
 
 
-def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, planes: bool):
+def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, planes: bool | tuple):
     """TQ4 rows of a K/V tile -> ((even, odd) centroids [rows, D/2] in ``dt``, norms [rows]
     f32)."""
     codes_ref, norms_ref, table_ref = refs
@@ -397,8 +397,8 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, lens, *, k_lut, v_lut, causal, 
     """q [B, HQ, Sq, D]; k/v parts: (x,) dense [B, HKV, Sk, D] or (codes [B, HKV, Sk, D/2],
     norms [B, HKV, Sk], codebook table (:func:`_codebook_parts`)); rot: a :class:`Rotation`,
     or None when nothing is compressed; mask: None or [Bm, Hm, Sq, Sk]; lens: None or int32
-    [2 * B] (key counts, then first-query positions). ``k_lut``/``v_lut``: the tables are
-    prmt planes (compiled kernels).
+    [2 * B] (key counts, then first-query positions). ``k_lut``/``v_lut``: each table's
+    decode mode (:func:`_codebook_parts`).
 
     Returns [B, HQ, Sq, D] in q's dtype."""
     b, hq, sq, d = q.shape

@@ -274,7 +274,7 @@ def _fetch_slots(cache_ref, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
     return key, val
 
 
-def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool, nc: bool):
+def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple, nc: bool):
     """Key tiles -> (k, per-key factor f32 [R] or None): MSE keys give rotated-space
     centroids as (even, odd) coordinates [R, Dp/2] in ``dt`` and the factor (the fp16 norm,
     divided by the centroid vector's own norm with ``nc``); fp8 keys give the raw key
@@ -286,13 +286,16 @@ def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool, nc: bo
     norm = _fp16_from_raw(raw[-1])
     if nc:
         _, h_ok = _columns(lay.head_dim // 2)
-        sq = sum(jnp.sum(jnp.where(h_ok[None, :], c, 0.0) if h_ok is not None else c, axis=1)
-                 for c in (x.astype(jnp.float32) ** 2 for x in halves))  # padding decodes c[0]
-        norm = norm / jnp.sqrt(sq + VLLM_NC_EPS)
+
+        def sum_sq(x):  # over the real coordinates (padding decodes c[0])
+            x = x.astype(jnp.float32) ** 2
+            return jnp.sum(x if h_ok is None else jnp.where(h_ok[None, :], x, 0.0), axis=1)
+
+        norm = norm / jnp.sqrt(sum_sq(halves[0]) + sum_sq(halves[1]) + VLLM_NC_EPS)
     return halves, norm
 
 
-def _value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool):
+def _value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple):
     """Value tiles -> ((even, odd) integer levels [R, Dp/2] in ``dt``, scale f32 [R],
     zero f32 [R])."""
     codes = _codes_from_raw(raw[:-2], lay.value_bits, lay.head_dim)
