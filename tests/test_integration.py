@@ -142,19 +142,31 @@ def _teacher_forced(params, cfg, seq, lens, cap, **cache_kw):
 
 
 def test_model_compressed_matches_dense(rng):
-    """Example model, 4-bit: logits cosine >= 0.99 and top-1 agreement vs the dense cache
-    (teacher-forced, ragged batch); K/V stored with cosine ~0.995."""
+    """Example model, 4-bit: logits cosine >= 0.99 vs the dense cache (teacher-forced, ragged
+    batch); the top-1 token changes only at near-ties; K/V stored with cosine ~0.995.
+
+    Thresholds from 600 seeds (random-weight model, 170 positions): min logits cosine 0.9937;
+    the compressed/dense logit-error difference between two tokens is < 0.45 at every one of
+    28,200 positions (99.99% quantile 0.42), so a dense margin >= 0.5 must keep its top-1;
+    overall agreement is 0.944 +- 0.019 (min 0.871), checked at >= 0.85.
+    """
     cfg = llama.LlamaConfig()
     params = llama.init_params(cfg, int(rng.integers(1 << 16)))
-    b, t = 3, 40
+    b, t = 4, 64
     seq = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    lens = jnp.asarray([40, 23, 31], jnp.int32)
-    out = _teacher_forced(params, cfg, seq, lens, 48)
+    lens = jnp.asarray([64, 37, 50, 19], jnp.int32)
+    out = _teacher_forced(params, cfg, seq, lens, 72)
     (ld, dense), (lt, tq4) = out["dense"], out["tq4"]
     valid = np.arange(t)[None, :] < np.asarray(lens)[:, None]
     cos = _cosine(ld, lt)[valid]
     assert cos.min() >= 0.99, cos.min()
-    assert (ld.argmax(-1) == lt.argmax(-1))[valid].mean() > 0.9
+    ld, lt = ld[valid], lt[valid]
+    top2 = np.sort(ld, -1)[:, -2:]
+    confident = top2[:, 1] - top2[:, 0] >= 0.5
+    agree = ld.argmax(-1) == lt.argmax(-1)
+    assert confident.sum() >= 10, confident.sum()  # not vacuous (min over 600 seeds: 20)
+    assert agree[confident].all(), np.flatnonzero(confident & ~agree)
+    assert agree.mean() >= 0.85, agree.mean()
     for layer in range(cfg.n_layers):
         k_hat = tq.dequantize(tq4.k_codes[layer], tq4.k_norms[layer], tq4.spec.codebook("k")[0],
                               tq4.spec.rotation, jnp.float32)
