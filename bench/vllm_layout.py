@@ -12,6 +12,7 @@ preset (default turboquant_4bit_nc) at 32K instead and prints them best first.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -60,7 +61,7 @@ def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
         return jax.jit(lambda q, c, t, n: V._decode_pallas(
             q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,
             v_lut=V._value_table(jnp.float16)[1], scale=D ** -0.5, splits=splits,
-            cfg=cfg or V.default_config(D, pr.value_quant_bits), mode=tq._config.kernel_mode(),
+            cfg=cfg or V.default_config(lay), mode=tq._config.kernel_mode(),
             stage1_only=True))
     return jax.jit(lambda q, c, t, n: V.turboquant_decode(
         q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), max_num_kv_splits=splits,
@@ -88,9 +89,9 @@ def sweep(q, k, v, table, slots, lens, name: str = "turboquant_4bit_nc") -> None
     cent, _ = tq.lloyd_max(D, pr.mse_bits)
     cache, _ = store_case(pr, k, v, slots, pi, cent)
     rows = []
-    for splits in (16, 32):
-        for bn, nw, st in [(b, w, t) for b in (32, 64, 128) for w in (4, 8) for t in (2, 3)]:
-            cfg = V.DecodeConfig(bn, nw, st)
+    for splits in (8, 32):
+        for bn, nw, st, pre in itertools.product((64, 128), (4, 8), (2, 3), (False, True)):
+            cfg = V.DecodeConfig(bn, nw, st, pre)
             try:
                 ms = time_ms(decode_fn(pr, pi, cent, splits, cfg), q, cache, table, lens)
             except Exception as e:  # noqa: BLE001
@@ -98,9 +99,10 @@ def sweep(q, k, v, table, slots, lens, name: str = "turboquant_4bit_nc") -> None
                 continue
             rows.append((ms, splits, cfg))
     print(f"\n# sweep: {name} decode, B=8, 32K\n\n| ms | splits | block_n | warps "
-          "| stages |\n|---|---|---|---|---|")
+          "| stages | scalar prefetch |\n|---|---|---|---|---|---|")
     for ms, splits, cfg in sorted(rows, key=lambda r: r[0]):
-        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} |")
+        print(f"| {ms:.4f} | {splits} | {cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
+              f"| {cfg.prefetch} |")
 
 
 def main():

@@ -223,6 +223,22 @@ def test_write_keeps_padding_and_skips_negative_slots(rng):
     np.testing.assert_array_equal(row[lay.k_norms:lay.v_codes].view(np.float32), np.asarray(kn[5]))
 
 
+@pytest.mark.parametrize("extra", [4, 3], ids=["words", "bytes"])
+def test_decode_prefill_padded_rows(rng, extra):
+    """Padded cache rows: norms load as float32 words (width % 4 == 0) or byte by byte."""
+    t = _setup(rng, [37, 20], 4, 2, 64, 16, jnp.float16,
+               total_bytes=tq.paged_layout(2, 64).row_bytes + extra)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
+    args = (t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"])
+    got, want = (tq.paged_decode(*args, **t["kw"], impl=impl) for impl in IMPLS[::-1])
+    assert rel_l2(got, want) < 1e-2
+    q, qsl = _prefill_inputs(rng, t, [37, 20], [6, 20], 4, 64, jnp.float16)
+    args = (q, cache, t["table"], t["lens"], qsl, t["cent"], t["rot"])
+    got, want = (tq.paged_prefill(*args, **t["kw"], use_int8_qk=False, impl=impl)
+                 for impl in IMPLS[::-1])
+    assert rel_l2(got, want) < 1e-2
+
+
 def test_decode_many_splits(rng, monkeypatch):
     """Long sequences split across programs (some splits empty), merged by log-sum-exp."""
     import tq4jax.attention as att

@@ -270,10 +270,34 @@ def test_store_decode_round_trip(rng, name, d, dtype):
         assert rel_l2(vd[i, :, :n], np.swapaxes(v[i, :n], 0, 1)) < v_bound
 
 
+def test_odd_key_packed_size(rng):
+    """key_packed_size 35 puts the value scale/zero at odd bytes (loaded byte by byte; the
+    norm at byte 32 loads as an fp16 word): decode and full dequant vs the reference."""
+    pr = V.preset("turboquant_4bit_nc", 64)
+    lay = V.vllm_slot(64, 4, 4, 35)
+    pr = pr._replace(key_packed_size=35, slot_bytes=lay.slot_bytes)
+    assert lay.norm_at % 2 == 0 and lay.scale_at % 2 == 1
+    c, _ = tq.lloyd_max(64, 4)
+    pi = tq.haar_rotation(64, seed=int(rng.integers(1000)))
+    lens = [int(rng.integers(20, 70)), 9]
+    cache, bt, _, _ = write_sequences(rng, pr, lens, 2, 64, 16, pi, c, "pallas")
+    seq = np.asarray(lens, np.int32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float16)
+    args = (q, cache, bt, seq, pi, c, 0.125)
+    out = V.turboquant_decode(*args, **pr.decode_kwargs(), max_num_kv_splits=2, impl="pallas")
+    assert rel_linf(out, V.turboquant_decode_reference(*args, **pr.decode_kwargs())) < 2e-3
+    got, want = (V.full_dequant_kv(cache, bt, seq, c, **pr.dequant_kwargs(), impl=impl)
+                 for impl in ("pallas", "reference"))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-3, atol=2e-3)
+
+
 def test_decode_splits_lengths_and_garbage_tables(rng):
     """Many splits (most empty), a zero-length sequence, a length past the table, and
     block ids out of range: finite, equal to the reference (which clamps the same way).
-    Short key tiles run the prefetching loop over several whole tiles, and without it."""
+    Short key tiles run several whole tiles with the scalar prefetch and the norm correction
+    by dots on and off."""
     pr = V.preset("turboquant_4bit_nc", 64)
     c, _ = tq.lloyd_max(64, 4)
     pi = tq.haar_rotation(64, seed=5)
@@ -283,7 +307,8 @@ def test_decode_splits_lengths_and_garbage_tables(rng):
     bt[3, 2] = -7
     seq = np.array([30, 0, 5, 10_000], np.int32)  # 0: zeros; huge: clipped to the table
     q = jnp.asarray(rng.standard_normal((4, 4, 64)), jnp.float16)
-    configs = [None, V.DecodeConfig(block_n=16), V.DecodeConfig(block_n=16, prefetch=False)]
+    configs = [None, V.DecodeConfig(block_n=16, prefetch=True),
+               V.DecodeConfig(block_n=16, prefetch=False, nc_dot=False)]
     for splits, cfg in [(1, None), (3, None), (64, None), (1, configs[1]), (2, configs[2])]:
         out = V.turboquant_decode(q, cache, bt, seq, pi, c, 0.125, **pr.decode_kwargs(),
                                   max_num_kv_splits=splits, impl="pallas", config=cfg)

@@ -70,10 +70,16 @@ class Config(NamedTuple):
 
 
 class Paged(NamedTuple):
-    """Static description of a paged TQ4 cache (LAYOUTS.md A2) for the kernel."""
+    """Static description of a paged TQ4 cache (LAYOUTS.md A2) for the kernel. ``norm_words``:
+    the kernel also gets the cache as float32 words (a free bitcast when a row's width is a
+    multiple of 4) and loads each norm as one word instead of four bytes. ``prefetch_norms``:
+    each key tile loads the next tile's K/V norms (strided 4-byte gathers, one cache row
+    each) a loop iteration ahead, so their latency overlaps the decode."""
     block_size: int
     num_kv_heads: int
     layout: PagedLayout
+    norm_words: bool = False
+    prefetch_norms: bool = False
 
 
 def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mask: bool,
@@ -83,8 +89,8 @@ def _split_refs(refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, has_mas
     refs = list(refs)
     take = lambda n: [refs.pop(0) for _ in range(n)]  # noqa: E731
     q_refs = take(5 if rot_q else 1)   # q (+ Pi^T even-column hi, lo, odd-column hi, lo)
-    if paged is not None:  # cache, block table, seq_lens, query_start_loc, schedule, K | V table
-        k_refs, v_refs = take(6), take(1)
+    if paged is not None:  # cache, (cache words,) block table, seq_lens, query_start_loc,
+        k_refs, v_refs = take(7 if paged.norm_words else 6), take(1)  # schedule, K | V table
     else:
         k_refs = take(3 if k_tq4 else 1)   # codes, norms, codebook bits | dense k
         v_refs = take(3 if v_tq4 else 1)
@@ -110,23 +116,40 @@ def _decode_tile(refs, rows, rmask, bcols, bc_ok, dt, planes: bool | tuple):
     return decode_split(table_ref, codes, dt, planes), norms
 
 
-def _paged_tile(paged: Paged, cache_ref, bt_ref, bt_base, table_ref, codes_at: int,
-                norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut):
-    """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
-    (decoded (even, odd) halves [rows, D/2] in ``dt``, or int8 levels [rows, D] when ``dt`` is
-    int8 (``lut``: the static int8 LUT), norms [rows] f32). The sequence's
-    block-table row starts at ``bt_base`` of the flat ``bt_ref``; block ids are clamped into
-    the cache, masked lanes read nothing."""
+def _paged_rows(paged: Paged, cache_ref, bt_ref, bt_base, k_pos, kmask) -> jnp.ndarray:
+    """Flat cache rows of tokens ``k_pos`` of one sequence, whose block-table row starts at
+    ``bt_base`` of the flat ``bt_ref``; block ids are clamped into the cache, masked lanes
+    read nothing."""
     bs = paged.block_size
-    n_blocks = cache_ref.shape[0] // bs
     idx = bt_base + k_pos // bs
     blk = bt_ref[idx] if kmask is None else plgpu.load(bt_ref.at[idx], mask=kmask, other=0)
-    rows = jnp.clip(blk, 0, n_blocks - 1) * bs + k_pos % bs
-    codes = load_tile(cache_ref, rows, kmask, codes_at + bcols, bc_ok)
+    return jnp.clip(blk, 0, cache_ref.shape[0] // bs - 1) * bs + k_pos % bs
+
+
+def _paged_norms(paged: Paged, cache_refs, rows, kmask, norms_at: int) -> jnp.ndarray:
+    """float32 norms [R] at byte ``norms_at`` of cache ``rows``: one word each from the
+    float32 view (``paged.norm_words``), else four bytes each."""
+    cache_ref = cache_refs[0]
+    if paged.norm_words:
+        at = rows * (cache_ref.shape[1] // NORM_BYTES) + norms_at // NORM_BYTES
+        return cache_refs[1][at] if kmask is None else load_rows(cache_refs[1], at, kmask)
     four = jnp.arange(NORM_BYTES, dtype=jnp.int32)
     nbytes = load_tile(cache_ref, rows, kmask, norms_at + four, None).astype(jnp.int32)
     word = jnp.sum(nbytes << (8 * four)[None, :], axis=1)  # little-endian float32
-    norms = lax.bitcast_convert_type(word, jnp.float32)
+    return lax.bitcast_convert_type(word, jnp.float32)
+
+
+def _paged_tile(paged: Paged, cache_refs, bt_ref, bt_base, table_ref, codes_at: int,
+                norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut, norms=None):
+    """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
+    (decoded (even, odd) halves [rows, D/2] in ``dt``, or int8 levels [rows, D] when ``dt`` is
+    int8 (``lut``: the static int8 LUT), norms [rows] f32: loaded here unless given).
+    ``cache_refs``: the flat cache [slots, W] uint8 (and its float32 words, flat, with
+    ``paged.norm_words``)."""
+    rows = _paged_rows(paged, cache_refs[0], bt_ref, bt_base, k_pos, kmask)
+    codes = load_tile(cache_refs[0], rows, kmask, codes_at + bcols, bc_ok)
+    if norms is None:
+        norms = _paged_norms(paged, cache_refs, rows, kmask, norms_at)
     if jnp.dtype(dt) == jnp.int8:
         return decode_codes(table_ref, codes, dt, lut), norms
     return decode_split(table_ref, codes, dt, lut), norms
@@ -188,7 +211,8 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         phys = jnp.where(r_ok, (r % group) * sq + pos, r)
         ophys = phys
     else:
-        cache_ref, bt_ref, lens_ref, qsl_ref, sched_ref, k_table = k_refs
+        cache_refs = k_refs[:2 if paged.norm_words else 1]
+        bt_ref, lens_ref, qsl_ref, sched_ref, k_table = k_refs[len(cache_refs):]
         n_sched = sched_ref.shape[0] // 2
         seq, row0 = sched_ref[blk], sched_ref[n_sched + blk]
         live = seq >= 0
@@ -230,7 +254,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         head = pl.program_id(1)
         lay, hb = paged.layout, head * (d // 2)
         max_blocks = bt_ref.shape[0] // lens_ref.shape[0]  # bt_ref: the flat block table
-        tile = partial(_paged_tile, paged, cache_ref, bt_ref, seq * max_blocks, bcols=bcols,
+        tile = partial(_paged_tile, paged, cache_refs, bt_ref, seq * max_blocks, bcols=bcols,
                        bc_ok=bc_ok)
         k_tile = partial(tile, k_table, lay.k_codes + hb, lay.k_norms + NORM_BYTES * head,
                          dt=k_dt, lut=k_lut)
@@ -249,16 +273,30 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
     n_all = pl.cdiv(jnp.maximum(hi - k_start, 0), bn)
     n_safe = 0 if has_mask else jnp.minimum(jnp.maximum(safe - k_start, 0) // bn, n_all)
 
+    prefetch = paged is not None and paged.prefetch_norms
+
+    def tile_norms(j):  # K and V norms of key tile j (masked: j may be past the range)
+        k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
+        rows = _paged_rows(paged, cache_refs[0], bt_ref, seq * max_blocks, k_pos, k_ok)
+        return tuple(_paged_norms(paged, cache_refs, rows, k_ok, at + NORM_BYTES * head)
+                     for at in (lay.k_norms, lay.v_norms))
+
     def body(j, carry, masked: bool):
-        acc, m_prev, l_prev = carry
+        acc, m_prev, l_prev, norms = carry
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         kmask = k_ok if masked else None
+        if prefetch:  # this tile's norms came with the previous one; fetch the next tile's
+            k_tile_ = partial(k_tile, norms=norms[0])
+            v_tile_ = partial(v_tile, norms=norms[1])
+            norms = tile_norms(j + 1)
+        else:
+            k_tile_, v_tile_ = k_tile, v_tile
         if int8_qk:
-            k, k_norm = k_tile(k_pos, kmask)
+            k, k_norm = k_tile_(k_pos, kmask)
             s = jnp.dot(q, k.T, preferred_element_type=jnp.int32).astype(jnp.float32)
             s = s * q_scale[:, None] * (k_norm * (k_scale * scale_log2))[None, :]
         elif k_tq4:
-            (k_e, k_o), k_norm = k_tile(k_pos, kmask)
+            (k_e, k_o), k_norm = k_tile_(k_pos, kmask)
             s = (dot(q_e, k_e.T) + dot(q_o, k_o.T)) * (k_norm * scale_log2)[None, :]
         else:
             s = dot(q, load_tile(k_refs[0], k_pos, kmask, cols, c_ok).T) * scale_log2
@@ -275,22 +313,22 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         if v_tq4:  # acc = (even, odd) output coordinates
-            (v_e, v_o), v_norm = v_tile(k_pos, kmask)
+            (v_e, v_o), v_norm = v_tile_(k_pos, kmask)
             pv = (p * v_norm[None, :]).astype(dt)
             acc = (acc[0] * alpha[:, None] + dot(pv, v_e), acc[1] * alpha[:, None] + dot(pv, v_o))
         else:
             acc = acc * alpha[:, None] + dot(p.astype(dt), load_tile(v_refs[0], k_pos, kmask,
                                                                      cols, c_ok))
-        return acc, m_new, l_new
+        return acc, m_new, l_new, norms
 
     if v_tq4:
         acc = (jnp.zeros((bm, bcols.shape[0]), jnp.float32),) * 2
     else:
         acc = jnp.zeros((bm, cols.shape[0]), jnp.float32)
     m0 = jnp.full((bm,), M_INIT, jnp.float32)
-    carry = (acc, m0, jnp.zeros_like(m0))
+    carry = (acc, m0, jnp.zeros_like(m0), tile_norms(0) if prefetch else ())
     carry = lax.fori_loop(0, n_safe, partial(body, masked=False), carry)
-    acc, m, l_fin = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
+    acc, m, l_fin, _ = lax.fori_loop(n_safe, n_all, partial(body, masked=True), carry)
     if v_tq4:
         acc = interleave(*acc)
 
@@ -316,15 +354,17 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
                   compressed: bool = False) -> Config:
     """Tile sizes for ``n_rows = group * Sq`` query rows per KV head over ``sk`` keys, and
     enough KV splits to give every SM ``per_sm`` programs when there are few row blocks.
-    Measured on an H200 (bench/attention.py --sweep); compressed K/V want longer key tiles
-    and more programs in flight (decoding is integer work, not memory traffic)."""
-    per_sm = 2
+    Measured on an H200 (bench/attention.py --sweep); compressed K/V want longer key tiles.
+    Compressed decode runs 2 programs per SM (its registers allow no more), so its splits
+    round down to one whole wave: B=8, 8 KV heads, 32K: 4 splits (paged 0.27 ms vs 0.31 at
+    9 splits, which spill into a third, nearly empty wave); B=1: 33 (0.051 vs 0.074 at 66)."""
+    per_sm, whole_wave = 2, False
     if n_rows <= 64:  # decode / short chunks: one row block, long key tiles
         bm = max(16, next_pow2(n_rows))
         if d > 128:
             cfg = Config(bm, 32, 4, 2)
         elif compressed:
-            cfg, per_sm = Config(bm, 128, 4, 3), 4
+            cfg, whole_wave = Config(bm, 128, 4, 3), True
         else:
             cfg = Config(bm, 64, 4, 3)
     elif d <= 128:
@@ -334,7 +374,9 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
     programs = pl.cdiv(n_rows, cfg.block_m) * b * hkv
     splits = 1
     if programs < per_sm * NUM_SMS:
-        splits = max(1, min(pl.cdiv(per_sm * NUM_SMS, programs), sk // MIN_SPLIT_KEYS))
+        fill = per_sm * NUM_SMS // programs if whole_wave else pl.cdiv(per_sm * NUM_SMS,
+                                                                       programs)
+        splits = max(1, min(fill, sk // MIN_SPLIT_KEYS))
     return cfg._replace(splits=int(splits))
 
 

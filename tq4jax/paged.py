@@ -199,8 +199,10 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
         sched = paged_schedule(query_start_loc, group, cfg.block_m, n_blocks)
     rows = n * hq
     args = [q.reshape(rows, d)] + (list(rot.q_halves) if in_kernel else [])
-    args += [kv_cache.reshape(-1, kv_cache.shape[2]), block_table.reshape(-1), seq_lens,
-             query_start_loc, sched, k_table, v_bits]
+    args += [kv_cache.reshape(-1, kv_cache.shape[2])]
+    if paged.norm_words:  # the same bytes as float32 words (a bitcast, no copy)
+        args += [lax.bitcast_convert_type(kv_cache.reshape(-1, NORM_BYTES), jnp.float32)]
+    args += [block_table.reshape(-1), seq_lens, query_start_loc, sched, k_table, v_bits]
     args += list(rot.post) if in_kernel else []
     out_dt = q.dtype if in_kernel else jnp.float32
     if splits == 1:
@@ -238,6 +240,13 @@ def _check_codebooks(centroids, v_centroids, rotation, sm_scale, head_dim):
     rotation = ck.check_rotation(rotation, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     return raw_k, raw_v, centroids, v_centroids, rotation, scale
+
+
+def _paged_spec(kv_cache: jnp.ndarray, num_kv_heads: int, head_dim: int) -> Paged:
+    """The kernel's static cache description; norms load as float32 words when a row's width
+    is a multiple of 4 (every unpadded layout)."""
+    return Paged(kv_cache.shape[1], num_kv_heads, paged_layout(num_kv_heads, head_dim),
+                 norm_words=kv_cache.shape[2] % NORM_BYTES == 0, prefetch_norms=True)
 
 
 def _check_cache_size(kv_cache: jnp.ndarray) -> None:
@@ -303,7 +312,7 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
     s, hq, d = q.shape
     cfg = choose_config(s, num_kv_heads, hq // num_kv_heads, block_table.shape[1] * block_size,
                         d, compressed=True)
-    paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
+    paged = _paged_spec(kv_cache, num_kv_heads, head_dim)
     return _paged_pallas(q, kv_cache, block_table, seq_lens, None, k_bits, v_bits,
                          _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
                          v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
@@ -394,7 +403,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     cap = block_table.shape[1] * block_size
     cfg = choose_config(1, num_kv_heads, max(1, n // s) * (hq // num_kv_heads), cap, d,
                         compressed=True)
-    paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
+    paged = _paged_spec(kv_cache, num_kv_heads, head_dim)
     return _paged_pallas(q, kv_cache, block_table, seq_lens, qsl, k_table, v_bits,
                          _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
                          v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode(),

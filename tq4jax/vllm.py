@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
-from ._tiles import (decode_split, dot_split, interleave, load_tile, split16,
+from ._tiles import (decode_split, dot_split, interleave, load_rows, load_tile, split16,
                      store_rows, store_tile, tile_index)
 from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts, _columns,
                         _query_halves, _rotation_parts, attention_reference)
@@ -216,13 +216,29 @@ def _gather_slots(kv_cache, block_table, seq_lens, n_pos: int):
 # in-kernel tiles
 # ----------------------------------------------------------------------------------------------
 
-def _fetch_fp16(cache_ref, rows, rmask, at: int) -> jnp.ndarray:
-    """The 2 bytes at ``at`` of slots ``rows``: uint8 [R, 2] (masked rows: 0)."""
-    return load_tile(cache_ref, rows, rmask, at + jnp.arange(2, dtype=jnp.int32), None)
+def _cache_views(kv_cache: jnp.ndarray) -> list[jnp.ndarray]:
+    """The kernels' views of a cache [..., slot] (slot even): the slots as bytes
+    [slots, slot_bytes] and, flat, as fp16 words (a bitcast, no copy)."""
+    sb = kv_cache.shape[-1]
+    return [kv_cache.reshape(-1, sb), lax.bitcast_convert_type(kv_cache.reshape(-1, 2),
+                                                               jnp.float16)]
+
+
+def _fetch_fp16(cache_refs, rows, rmask, at: int) -> jnp.ndarray:
+    """The fp16 at byte ``at`` of slots ``rows`` (masked rows: 0): one word load from the fp16
+    view (float16 [R]) when ``at`` is even, else its 2 bytes (uint8 [R, 2])."""
+    bytes_ref, words_ref = cache_refs
+    if at % 2:
+        return load_tile(bytes_ref, rows, rmask, at + jnp.arange(2, dtype=jnp.int32), None)
+    idx = rows * (bytes_ref.shape[1] // 2) + at // 2
+    return words_ref[idx] if rmask is None else load_rows(words_ref, idx, rmask)
 
 
 def _fp16_from_raw(raw: jnp.ndarray) -> jnp.ndarray:
-    """uint8 [R, 2] (little-endian fp16) -> float32 [R]."""
+    """:func:`_fetch_fp16`'s result (float16 [R], or little-endian uint8 [R, 2]) -> float32
+    [R]."""
+    if raw.ndim == 1:
+        return raw.astype(jnp.float32)
     word = jnp.sum(raw.astype(jnp.int32) << (8 * jnp.arange(2, dtype=jnp.int32))[None, :],
                    axis=1)
     return lax.bitcast_convert_type(word.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
@@ -259,19 +275,36 @@ def _codes_from_raw(raw: tuple, bits: int, d: int) -> jnp.ndarray:
     return (even | (odd << 4)).astype(jnp.uint8)
 
 
-def _fetch_slots(cache_ref, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
-    """Every byte decode needs from slots ``rows``: (key tiles, value tiles)."""
+def _fetch_slot_codes(cache_ref, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
+    """The code bytes of slots ``rows``: (key tiles (the raw fp8 key, or the MSE code
+    stream), value code tiles)."""
     d = lay.head_dim
     if lay.key_fp8:
         cols, c_ok = _columns(d)
         key = (load_tile(cache_ref, rows, rmask, cols, c_ok),)
     else:
-        key = (*_fetch_codes(cache_ref, rows, rmask, 0, lay.mse_bits, d),
-               _fetch_fp16(cache_ref, rows, rmask, lay.norm_at))
-    val = (*_fetch_codes(cache_ref, rows, rmask, lay.value_at, lay.value_bits, d),
-           _fetch_fp16(cache_ref, rows, rmask, lay.scale_at),
-           _fetch_fp16(cache_ref, rows, rmask, lay.zero_at))
-    return key, val
+        key = _fetch_codes(cache_ref, rows, rmask, 0, lay.mse_bits, d)
+    return key, _fetch_codes(cache_ref, rows, rmask, lay.value_at, lay.value_bits, d)
+
+
+def _fetch_slot_scalars(cache_refs, rows, rmask, lay: VllmSlot) -> tuple:
+    """The fp16 scalars of slots ``rows`` (``cache_refs``: :func:`_cache_views`): (key norm
+    (MSE keys only), value scale, value zero)."""
+    ats = (lay.scale_at, lay.zero_at) if lay.key_fp8 else (lay.norm_at, lay.scale_at,
+                                                           lay.zero_at)
+    return tuple(_fetch_fp16(cache_refs, rows, rmask, at) for at in ats)
+
+
+def _slot_raw(codes: tuple, scalars: tuple) -> tuple[tuple, tuple]:
+    """Code tiles and scalars -> the raw (key, value) tuples of :func:`_key_from_raw` and
+    :func:`_value_from_raw`."""
+    return (*codes[0], *scalars[:-2]), (*codes[1], *scalars[-2:])
+
+
+def _fetch_slots(cache_refs, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
+    """Every byte decode needs from slots ``rows``: (key tiles, value tiles)."""
+    return _slot_raw(_fetch_slot_codes(cache_refs[0], rows, rmask, lay),
+                     _fetch_slot_scalars(cache_refs, rows, rmask, lay))
 
 
 def _key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple, nc: bool):
@@ -516,25 +549,30 @@ def turboquant_store_reference(kv_cache, key, value, slot_mapping, Pi, centroids
 # ----------------------------------------------------------------------------------------------
 
 class DecodeConfig(NamedTuple):
-    """Static tiling of the decode kernel. ``prefetch``: each whole key tile loads the next
-    tile's bytes before decoding its own (register double buffering: the loads are gathers
-    through the block table, which Triton's pipeliner does not stage)."""
+    """Static tiling of the decode kernel. ``prefetch``: each key tile loads the next tile's
+    fp16 scalars (key norm, value scale and zero: 2-byte gathers, one slot each) a loop
+    iteration ahead, so their latency overlaps the decode. ``nc_dot``: norm correction sums
+    the squared decoded centroids of each key with two more tensor-core dots (a ones matrix
+    times the squared halves) instead of row reductions in registers."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: bool = False
+    prefetch: bool = True
+    nc_dot: bool = True
 
 
-def default_config(head_dim: int, value_bits: int = 4) -> DecodeConfig:
+def default_config(lay: VllmSlot) -> DecodeConfig:
     """Measured on an H200 (bench/vllm_layout.py --sweep [PRESET], D=128, B=8, 32K): 128-key
     tiles, 4 warps, 3 stages for every preset (turboquant_4bit_nc 0.389-0.415 ms, 2 stages
     0.400-0.413, 8 warps 0.6-0.7; turboquant_3bit_nc 0.501 vs 1.33 with 64-key tiles, which
-    were faster before values decoded as even/odd halves); no prefetch (0.60 vs 0.54 ms, as
-    measured before); wide heads 32-key tiles."""
-    del value_bits  # one tiling fits all presets since the halves decode
-    if head_dim > 128:
-        return DecodeConfig(block_n=32, num_stages=2)
-    return DecodeConfig()
+    were faster before values decoded as even/odd halves); wide heads 32-key tiles. Norm
+    correction by dots: 0.39 vs 0.42 ms (4bit_nc), 0.45-0.48 vs 0.48-0.50 (3bit_nc). The
+    scalar prefetch for fp8 and 4-bit keys (k8v4 0.30 vs 0.32-0.33, 4bit_nc 0.38 vs 0.39);
+    3-bit keys are slower with it (3bit_nc 0.50-0.51 vs 0.45-0.48)."""
+    prefetch = lay.key_fp8 or lay.mse_bits == 4
+    if lay.head_dim > 128:
+        return DecodeConfig(block_n=32, num_stages=2, prefetch=prefetch)
+    return DecodeConfig(prefetch=prefetch)
 
 
 def _split_len(seq_len, splits: int, block_n: int):
@@ -550,7 +588,9 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
     split's normalized output ``acc / l`` and ``m + log l`` (natural log), rows
     ``((b * H_Q + hq) * splits + split)``. An empty split writes nothing."""
     q_refs = (q_ref, *refs[:4]) if rot_q else (q_ref,)
-    cache_ref, bt_ref, lens_ref, k_table, v_table, o_ref, lse_ref = refs[4 if rot_q else 0:]
+    cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table, o_ref, lse_ref = \
+        refs[4 if rot_q else 0:]
+    cache_refs = (cache_ref, words_ref)
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bn, d = cfg.block_n, lay.head_dim
     max_blocks = bt_ref.shape[0] // lens_ref.shape[0]
@@ -574,50 +614,54 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         slot_rows = partial(_slot_rows, bt_ref, b * max_blocks, block_size=block_size, hkv=hkv,
                             head=h, n_blocks=n_blocks)
 
-        def tile(j, masked: bool):  # positions of key tile j, their mask, the tile's bytes
+        def rows_of(j, masked: bool):  # cache rows of key tile j and its lane mask
             pos, ok = tile_index(start + j * bn, bn, stop)
             pmask = ok if masked else None
-            return ok, _fetch_slots(cache_ref, slot_rows(pos, pmask), pmask, lay)
+            return ok, pmask, slot_rows(pos, pmask)
 
-        def step(carry, raw, ok):  # online softmax over one fetched tile (ok: lane mask)
-            acc, zacc, m_prev, l_prev = carry
-            k, kf = _key_from_raw(raw[0], lay, k_table, dt, k_lut, nc)
+        def scalars(j):  # fp16 scalars of key tile j (j may be past the range: masked)
+            _, pmask, rows = rows_of(j, True)
+            return _fetch_slot_scalars(cache_refs, rows, pmask, lay)
+
+        def step(j, carry, masked: bool):  # online softmax over key tile j
+            acc, zacc, m_prev, l_prev, scal = carry
+            ok, pmask, rows = rows_of(j, masked)
+            codes = _fetch_slot_codes(cache_ref, rows, pmask, lay)
+            if cfg.prefetch:  # this tile's scalars came with the previous one
+                scal, cur = scalars(j + 1), scal
+            else:
+                cur = _fetch_slot_scalars(cache_refs, rows, pmask, lay)
+            raw_k, raw_v = _slot_raw(codes, cur)
+            k, kf = _key_from_raw(raw_k, lay, k_table, dt, k_lut, nc and not cfg.nc_dot)
             if kf is None:
                 s = dot(q, k.T) * scale_log2
             else:
                 s = (dot(q[0], k[0].T) + dot(q[1], k[1].T)) * (kf * scale_log2)[None, :]
-            if ok is not None:
+            if nc and cfg.nc_dot:  # every row: the key's centroid norm squared, on tensor cores
+                sq = dot(ones, (k[0] * k[0]).T) + dot(ones, (k[1] * k[1]).T)
+                s = s * lax.rsqrt(sq + VLLM_NC_EPS)
+            if masked:
                 s = jnp.where(ok[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
             alpha = jnp.exp2(m_prev - m_new)
             p = jnp.exp2(s - m_new[:, None])
-            lev, v_scale, v_zero = _value_from_raw(raw[1], lay, v_table, dt, v_lut)
+            lev, v_scale, v_zero = _value_from_raw(raw_v, lay, v_table, dt, v_lut)
             pv = (p * v_scale[None, :]).astype(dt)  # acc: (even, odd) output coordinates
             acc = tuple(a * alpha[:, None] + dot(pv, x) for a, x in zip(acc, lev))
             zacc = zacc * alpha + jnp.sum(p * v_zero[None, :], axis=1)
-            return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1)
+            return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1), scal
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
         half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
-        carry = ((half, half), zero_rows,
-                 jnp.full((block_m,), M_INIT, jnp.float32), zero_rows)
+        hcols, _ = _columns(d // 2)  # padded coordinates decode c[0]: weight 0
+        ones = jnp.broadcast_to(jnp.where(hcols < d // 2, 1.0, 0.0).astype(dt)[None, :],
+                                half.shape)
+        carry = ((half, half), zero_rows, jnp.full((block_m,), M_INIT, jnp.float32),
+                 zero_rows, scalars(0) if cfg.prefetch else ())
         n_full = (stop - start) // bn
-        if cfg.prefetch:  # whole tiles, each fetching the next before decoding its own
-            def full(j, c):
-                nxt = tile(jnp.minimum(j + 1, n_full - 1), masked=False)[1]
-                return step(c[0], c[1], None), nxt
-
-            first = tile(0, masked=True)[1]  # masked: there may be no whole tile
-            carry = lax.fori_loop(0, n_full, full, (carry, first))[0]
-        else:
-            carry = lax.fori_loop(0, n_full, lambda j, c: step(c, tile(j, False)[1], None),
-                                  carry)
-
-        def tail(j, c):
-            ok, raw = tile(j, masked=True)
-            return step(c, raw, ok)
-
-        acc, zacc, m, l_fin = lax.fori_loop(n_full, pl.cdiv(stop - start, bn), tail, carry)
+        carry = lax.fori_loop(0, n_full, partial(step, masked=False), carry)
+        acc, zacc, m, l_fin, _ = lax.fori_loop(n_full, pl.cdiv(stop - start, bn),
+                                               partial(step, masked=True), carry)
         orow = qrow * splits + sp
         out = (interleave(*acc) + zacc[:, None]) / l_fin[:, None]
         store_tile(o_ref, orow, r_ok, cols, c_ok, out)
@@ -653,8 +697,7 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
     v_table, _ = _value_table(dt)
     args = [query.reshape(b * hq, d)]
     args += list(_rotation_parts(rotation, dt).q_halves) if rot_q else []
-    args += [kv_cache.reshape(nb * bs * hkv, sb), block_table.reshape(-1), seq_lens, k_table,
-             v_table]
+    args += [*_cache_views(kv_cache), block_table.reshape(-1), seq_lens, k_table, v_table]
     rows = b * hq * splits
     kernel = partial(_decode_kernel, lay=lay, nc=nc, rot_q=rot_q, k_lut=k_lut, v_lut=v_lut,
                      block_size=bs, hkv=hkv, group=group, block_m=block_m, cfg=cfg,
@@ -727,7 +770,7 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
     return _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, lay=lay,
                           nc=nc, k_lut=k_lut, v_lut=_value_table(query.dtype)[1], scale=scale,
                           splits=max_num_kv_splits,
-                          cfg=config or default_config(lay.head_dim, lay.value_bits),
+                          cfg=config or default_config(lay),
                           mode=kernel_mode())
 
 
@@ -761,7 +804,7 @@ def turboquant_decode_reference(query, kv_cache, block_table, seq_lens, Pi, cent
 # full dequant
 # ----------------------------------------------------------------------------------------------
 
-def _dequant_kernel(cache_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref, *,
+def _dequant_kernel(cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref, *,
                     lay: VllmSlot, nc: bool, block_size: int, hkv: int, block_n: int,
                     max_seq: int):
     """Program (sequence * KV head, position block) -> fp16 K and V rows; positions past the
@@ -774,7 +817,7 @@ def _dequant_kernel(cache_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref,
     valid = pos < seq_len
     rows = _slot_rows(bt_ref, b * max_blocks, pos, valid, block_size, hkv, h,
                       cache_ref.shape[0] // (block_size * hkv))
-    raw_k, raw_v = _fetch_slots(cache_ref, rows, valid, lay)
+    raw_k, raw_v = _fetch_slots((cache_ref, words_ref), rows, valid, lay)
     k, kf = _key_from_raw(raw_k, lay, k_table, jnp.float32, False, nc)
     if kf is not None:
         k = interleave(*k) * kf[:, None]
@@ -802,8 +845,8 @@ def _dequant_pallas(kv_cache, block_table, seq_lens, centroids, *, lay, nc, max_
                      max_seq=max_seq)
     k, v = pallas_call(kernel, mode=mode, grid=(b * hkv, pl.cdiv(max_seq, bn)),
                        out_shape=(shape, shape), num_warps=nw, num_stages=2)(
-        kv_cache.reshape(nb * bs * hkv, sb), block_table.reshape(-1), seq_lens,
-        pad_codebook(centroids), v_table)
+        *_cache_views(kv_cache), block_table.reshape(-1), seq_lens, pad_codebook(centroids),
+        v_table)
     return k.reshape(b, hkv, max_seq, d), v.reshape(b, hkv, max_seq, d)
 
 
