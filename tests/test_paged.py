@@ -225,7 +225,8 @@ def test_write_keeps_padding_and_skips_negative_slots(rng):
 
 @pytest.mark.parametrize("extra", [4, 3], ids=["words", "bytes"])
 def test_decode_prefill_padded_rows(rng, extra):
-    """Padded cache rows: norms load as float32 words (width % 4 == 0) or byte by byte."""
+    """Padded cache rows: decode loads norms as float32 words (width % 4 == 0) or byte by
+    byte (prefill: always bytes)."""
     t = _setup(rng, [37, 20], 4, 2, 64, 16, jnp.float16,
                total_bytes=tq.paged_layout(2, 64).row_bytes + extra)
     cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])

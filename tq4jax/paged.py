@@ -242,11 +242,14 @@ def _check_codebooks(centroids, v_centroids, rotation, sm_scale, head_dim):
     return raw_k, raw_v, centroids, v_centroids, rotation, scale
 
 
-def _paged_spec(kv_cache: jnp.ndarray, num_kv_heads: int, head_dim: int) -> Paged:
-    """The kernel's static cache description; norms load as float32 words when a row's width
-    is a multiple of 4 (every unpadded layout)."""
+def _paged_spec(kv_cache: jnp.ndarray, num_kv_heads: int, head_dim: int,
+                decode: bool) -> Paged:
+    """The kernel's static cache description. Decode loads norms as float32 words (when a
+    row's width is a multiple of 4: every unpadded layout) a key tile ahead: B=8 32K 0.27 vs
+    0.33 ms on an H200. Prefill keeps the byte loads in the tile (5.2 ms; 10.7 with both)."""
+    words = decode and kv_cache.shape[2] % NORM_BYTES == 0
     return Paged(kv_cache.shape[1], num_kv_heads, paged_layout(num_kv_heads, head_dim),
-                 norm_words=kv_cache.shape[2] % NORM_BYTES == 0, prefetch_norms=True)
+                 norm_words=words, prefetch_norms=decode)
 
 
 def _check_cache_size(kv_cache: jnp.ndarray) -> None:
@@ -312,7 +315,7 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
     s, hq, d = q.shape
     cfg = choose_config(s, num_kv_heads, hq // num_kv_heads, block_table.shape[1] * block_size,
                         d, compressed=True)
-    paged = _paged_spec(kv_cache, num_kv_heads, head_dim)
+    paged = _paged_spec(kv_cache, num_kv_heads, head_dim, decode=True)
     return _paged_pallas(q, kv_cache, block_table, seq_lens, None, k_bits, v_bits,
                          _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
                          v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode())
@@ -403,7 +406,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     cap = block_table.shape[1] * block_size
     cfg = choose_config(1, num_kv_heads, max(1, n // s) * (hq // num_kv_heads), cap, d,
                         compressed=True)
-    paged = _paged_spec(kv_cache, num_kv_heads, head_dim)
+    paged = _paged_spec(kv_cache, num_kv_heads, head_dim, decode=False)
     return _paged_pallas(q, kv_cache, block_table, seq_lens, qsl, k_table, v_bits,
                          _rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut,
                          v_lut=v_lut, scale=scale, cfg=cfg, mode=kernel_mode(),
