@@ -242,13 +242,15 @@ def dense_attention(q, k, v, lens, scale):
                                           ("turboquant_k3v4_nc", 128, jnp.bfloat16),
                                           ("turboquant_3bit_nc", 64, jnp.float16),
                                           ("turboquant_k8v4", 128, jnp.bfloat16),
-                                          ("turboquant_4bit_nc", 256, jnp.bfloat16)])
+                                          ("turboquant_4bit_nc", 256, jnp.bfloat16),
+                                          ("turboquant_k3v4_nc", 96, jnp.float16)])
 def test_store_decode_round_trip(rng, name, d, dtype):
     pr = V.preset(name, d)
     hk, hq, bs = 2, 8, 16
     lens = [int(rng.integers(1, 40)), int(rng.integers(60, 150))]
     c, _ = tq.lloyd_max(d, pr.mse_bits)
-    pi = tq.hadamard_rotation(d, seed=int(rng.integers(1000)))
+    rotation = tq.hadamard_rotation if d & (d - 1) == 0 else tq.haar_rotation  # D=96: Haar
+    pi = rotation(d, seed=int(rng.integers(1000)))
     cache, bt, k, v = write_sequences(rng, pr, lens, hk, d, bs, pi, c, "pallas")
     q = jnp.asarray(rng.standard_normal((len(lens), hq, d)) * 2, dtype)
     seq = np.asarray(lens, np.int32)

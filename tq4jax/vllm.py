@@ -653,9 +653,10 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
         half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
-        hcols, _ = _columns(d // 2)  # padded coordinates decode c[0]: weight 0
-        ones = jnp.broadcast_to(jnp.where(hcols < d // 2, 1.0, 0.0).astype(dt)[None, :],
-                                half.shape)
+        if nc and cfg.nc_dot:  # weight 1 per coordinate; padding (decodes c[0]) weight 0
+            _, h_ok = _columns(d // 2)
+            ones = jnp.ones(half.shape, dt) if h_ok is None else jnp.broadcast_to(
+                h_ok[None, :].astype(dt), half.shape)
         carry = ((half, half), zero_rows, jnp.full((block_m,), M_INIT, jnp.float32),
                  zero_rows, scalars(0) if cfg.prefetch else ())
         n_full = (stop - start) // bn
