@@ -9,6 +9,7 @@ flax = pytest.importorskip("flax")
 from flax import linen, nnx  # noqa: E402
 
 import tq4jax as tq  # noqa: E402
+from tq4jax.codec import compress_reference, dequantize_reference  # noqa: E402
 from tq4jax.flax_attention import (TQ4MultiHeadAttention, swap_attention,  # noqa: E402
                                    unswap_attention)
 
@@ -53,27 +54,28 @@ def test_drop_in_module_same_params():
 def test_swap_decode_and_unswap(rng):
     """Swap in place keeps the weights; decode mode runs on the compressed cache within 4-bit
     tolerance of the stock dense cache; a multi-token decode call (prefill chunk) equals
-    token-by-token; unswap restores the stock module."""
-    x = jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.float32)
+    token-by-token; unswap restores the stock module. Cosine over 300 seeds: mean 0.9955,
+    min 0.9937."""
+    x = jnp.asarray(rng.standard_normal((4, 12, 48)), jnp.float32)
     ref = Block(nnx.Rngs(0))
-    ref.init_cache((2, 16, 48))
+    ref.init_cache((4, 16, 48))
     want = _decode(ref, x)
     model = Block(nnx.Rngs(0))
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert swap_attention(model) == 2
     assert all(type(m) is TQ4MultiHeadAttention for m in model.layers)
     assert all(a is b for a, b in zip(params, jax.tree.leaves(nnx.state(model, nnx.Param))))
-    model.init_cache((2, 16, 48))
+    model.init_cache((4, 16, 48))
     got = _decode(model, x)
     assert _cos(got, want) > 0.99
-    assert int(model.layers[0].tq4_lengths[...][0]) == 7
-    model.init_cache((2, 16, 48))
-    chunk = np.asarray(model(x))  # all 7 tokens in one decode call: causal over the cache
+    assert int(model.layers[0].tq4_lengths[...][0]) == 12
+    model.init_cache((4, 16, 48))
+    chunk = np.asarray(model(x))  # all 12 tokens in one decode call: causal over the cache
     np.testing.assert_allclose(chunk, got, atol=2e-2, rtol=0)
     assert unswap_attention(model) == 2
     assert all(type(m) is nnx.MultiHeadAttention for m in model.layers)
     assert not hasattr(model.layers[0], "tq4_spec")
-    model.init_cache((2, 16, 48))
+    model.init_cache((4, 16, 48))
     np.testing.assert_allclose(_decode(model, x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -92,21 +94,53 @@ def test_decode_under_nnx_jit(rng):
     assert int(model.layers[1].tq4_lengths[...][1]) == 3
 
 
+def _quantized(base):
+    """``base`` (flax's dot_product_attention) on K/V round-tripped through the jnp reference
+    codec with the spec make_attention_fn uses: what the fused kernel must reproduce."""
+
+    def attention_fn(query, key, value, bias=None, mask=None, **kw):
+        spec = tq.TQ4Spec(key.shape[-1])
+
+        def round_trip(x, which):
+            centroids, boundaries = spec.codebook(which)
+            p, n = compress_reference(x.astype(jnp.float32), spec.rotation, boundaries)
+            return dequantize_reference(p, n, centroids, spec.rotation, jnp.float32)
+
+        return base(query, round_trip(key, "k"), round_trip(value, "v"), bias, mask, **kw)
+
+    return attention_fn
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def test_attention_fn_linen_and_nnx(rng):
-    x = jnp.asarray(rng.standard_normal((2, 11, 48)), jnp.float32)
-    mask = linen.make_causal_mask(jnp.ones((2, 11)))
+    """The attention_fn must equal flax's attention on the round-tripped K/V (kernel wiring:
+    mask, GQA, layout; rel L2 < 2e-3, measured <= 3.1e-4 on CPU over 300 seeds) and stay within
+    4-bit tolerance of the stock module (cosine > 0.99; over 1500 seeds of [4, 40, 48]:
+    mean 0.9925, min 0.9906 for nnx non-causal, mean 0.9931, min 0.9917 for linen causal)."""
+    x = jnp.asarray(rng.standard_normal((4, 40, 48)), jnp.float32)
+    mask = linen.make_causal_mask(jnp.ones((4, 40)))
     lin = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=256)
     params = lin.init(jax.random.PRNGKey(0), x)
     want = lin.apply(params, x, mask=mask)
     lin_tq = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=256,
                                                 attention_fn=tq.make_attention_fn())
+    lin_q = linen.MultiHeadDotProductAttention(
+        num_heads=4, qkv_features=256, attention_fn=_quantized(linen.dot_product_attention))
     got = lin_tq.apply(params, x, mask=mask)
     assert got.shape == want.shape and got.dtype == want.dtype
+    assert _rel(got, lin_q.apply(params, x, mask=mask)) < 2e-3
     assert _cos(got, want) > 0.99
     stock = nnx.MultiHeadAttention(**KW, rngs=nnx.Rngs(0))
     ours = nnx.MultiHeadAttention(**KW, attention_fn=tq.make_attention_fn(), rngs=nnx.Rngs(0))
-    x = x[..., :48]
-    assert _cos(ours(x, decode=False), stock(x, decode=False)) > 0.99
+    quant = nnx.MultiHeadAttention(**KW, attention_fn=_quantized(nnx.dot_product_attention),
+                                   rngs=nnx.Rngs(0))
+    got = ours(x, decode=False)
+    assert _rel(got, quant(x, decode=False)) < 2e-3
+    assert _cos(got, stock(x, decode=False)) > 0.99
     with pytest.raises(ValueError, match="dropout"):
         tq.make_attention_fn()(x[:, :, None, :64].repeat(1, 2), x[:, :, None, :64],
                                x[:, :, None, :64], dropout_rate=0.1, deterministic=False)
