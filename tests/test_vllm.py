@@ -201,12 +201,17 @@ def test_fp8_keys_saturate_never_nan(rng):
 # ----------------------------------------------------------------------------------------------
 
 #: preset -> (bound on the attention output's relative L2 error vs dense fp64 attention,
-#: bound on K, bound on V relative L2 error). Measured 0.10-0.19 / 0.23-0.27 / 0.36-0.43 /
-#: 0.10-0.12 for the output at D 64-256.
-ROUND_TRIP_BOUNDS = {"turboquant_4bit_nc": (0.25, 0.12, 0.13),
-                     "turboquant_k3v4_nc": (0.35, 0.21, 0.13),
-                     "turboquant_3bit_nc": (0.55, 0.21, 0.26),
-                     "turboquant_k8v4": (0.16, 0.035, 0.13)}
+#: bound on K, bound on V relative L2 error per sequence). The errors are heavy-tailed (short
+#: sequences, sharp attention with q ~ N(0, 4)): over 500 seeds of this test's shapes
+#: (reference path, seeds 0-499; max over the D each preset runs at) the maxima were
+#: output 0.252 / 0.427 / 0.440 / 0.120, K 0.128 / 0.226 / 0.211 / 0.028, V 0.123 / 0.114 /
+#: 0.243 / 0.114 (means: output 0.16 / 0.25 / 0.30 / 0.11, K 0.10 / 0.19 / 0.18 / 0.027,
+#: V 0.10-0.11 at 4 bits, 0.19 at 3). Bounds sit 15-25% above the maxima; a wrong rotation,
+#: codebook or block lands at a relative error near 1.
+ROUND_TRIP_BOUNDS = {"turboquant_4bit_nc": (0.30, 0.15, 0.14),
+                     "turboquant_k3v4_nc": (0.50, 0.26, 0.14),
+                     "turboquant_3bit_nc": (0.55, 0.25, 0.29),
+                     "turboquant_k8v4": (0.16, 0.035, 0.14)}
 
 
 def write_sequences(rng, pr, lens, hk, d, bs, pi, c, impl, dtype=np.float16):
