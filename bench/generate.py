@@ -56,8 +56,15 @@ def filled_cache(cfg, kind: str, batch: int, ctx: int, extra: int, impl=None):
                     lens, cache.spec)
 
 
-def step_ms(params, cfg, cache, batch: int, steps: int) -> float:
-    """Median-free mean of ``steps`` decode steps after 2 warm-up steps (cache donated)."""
+def bench_config(layers: int = 16) -> llama.LlamaConfig:
+    """The benchmark model: Llama-style, dim 4096, 32/8 heads, D=128, fp16."""
+    return llama.LlamaConfig(vocab_size=32000, dim=4096, n_layers=layers, n_heads=32,
+                             n_kv_heads=8, head_dim=128, ffn_dim=8192, dtype="float16")
+
+
+def timed_steps(params, cfg, cache, batch: int, steps: int):
+    """Mean ms of ``steps`` decode steps after 2 warm-up steps (cache donated); returns
+    (ms, jitted step, token, cache after the steps)."""
     step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg), donate_argnums=2)
     tok = jnp.zeros((batch, 1), jnp.int32)
     for _ in range(2):
@@ -67,7 +74,12 @@ def step_ms(params, cfg, cache, batch: int, steps: int) -> float:
     for _ in range(steps):
         logits, cache = step(params, tok, cache)
     jax.block_until_ready(logits)
-    return (time.perf_counter() - t0) / steps * 1e3
+    return (time.perf_counter() - t0) / steps * 1e3, step, tok, cache
+
+
+def step_ms(params, cfg, cache, batch: int, steps: int) -> float:
+    """Mean ms of ``steps`` decode steps after 2 warm-up steps (cache donated)."""
+    return timed_steps(params, cfg, cache, batch, steps)[0]
 
 
 def max_context(cfg, kind: str, batch: int, budget: int) -> int:
@@ -89,9 +101,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget-gib", type=float, default=40.0)
     a = ap.parse_args()
-    cfg = llama.LlamaConfig(vocab_size=32000, dim=4096, n_layers=4 if a.quick else a.layers,
-                            n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=8192,
-                            dtype="float16")
+    cfg = bench_config(4 if a.quick else a.layers)
     params = random_params(cfg)
     n_params = sum(x.size for x in params.values())
     print(f"# generate bench: {device_line()}; Llama-style {cfg.n_layers} layers, dim "

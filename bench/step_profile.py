@@ -21,7 +21,6 @@ import glob
 import os
 import site
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,28 +40,16 @@ def run(kind: str, batch: int, ctx: int, layers: int = 16) -> None:
     """Time ``kind`` ("tq4", "cudnn" or "xla") steps at ``batch`` x ``ctx``, then run one step
     inside a profiler window."""
     import jax
-    import jax.numpy as jnp
 
     import generate as g
-    from tq4jax import model as llama
 
-    cfg = llama.LlamaConfig(vocab_size=32000, dim=4096, n_layers=layers, n_heads=32,
-                            n_kv_heads=8, head_dim=128, ffn_dim=8192, dtype="float16")
+    cfg = g.bench_config(layers)
     params = g.random_params(cfg)
     dense = kind != "tq4"
     cache = g.filled_cache(cfg, "dense" if dense else "tq4", batch, ctx, 30,
                            kind if dense else None)
-    step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg), donate_argnums=2)
-    tok = jnp.zeros((batch, 1), jnp.int32)
-    for _ in range(3):
-        logits, cache = step(params, tok, cache)
-    jax.block_until_ready(logits)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        logits, cache = step(params, tok, cache)
-    jax.block_until_ready(logits)
-    print(f"{kind} B={batch} ctx={ctx}: {(time.perf_counter() - t0) / 10 * 1e3:.3f} ms per step",
-          flush=True)
+    ms, step, tok, cache = g.timed_steps(params, cfg, cache, batch, 10)
+    print(f"{kind} B={batch} ctx={ctx}: {ms:.3f} ms per step", flush=True)
     rt = _cudart()
     rt.cudaProfilerStart()
     logits, cache = step(params, tok, cache)
