@@ -88,18 +88,16 @@ def capture(fn, args) -> list[tuple[str, int, int]]:
         params.append((k.get("num_warps", 4), k.get("num_stages", 2)))
         return call(kernel, **k)
 
+    mods = (attention, paged, V)  # each binds _config.pallas_call at import
     triton_lowering.lower_jaxpr_to_triton_module = lower_hook
-    _config.pallas_call = call_hook
-    mods = [m for m in (attention, paged, V) if hasattr(m, "pallas_call")]
-    saved = [m.pallas_call for m in mods]
     for m in mods:
         m.pallas_call = call_hook
     try:
         lower_to_triton(fn, *args)
     finally:
-        triton_lowering.lower_jaxpr_to_triton_module, _config.pallas_call = lower, call
-        for m, f in zip(mods, saved):
-            m.pallas_call = f
+        triton_lowering.lower_jaxpr_to_triton_module = lower
+        for m in mods:
+            m.pallas_call = call
     if len(irs) != len(params):
         raise RuntimeError(f"{len(irs)} kernels lowered but {len(params)} pallas_calls seen")
     return [(ir, w, st) for ir, (w, st) in zip(irs, params)]
