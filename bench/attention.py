@@ -131,7 +131,7 @@ def sweep(name, b, sq, sk, causal):
         grid = [att.Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
                                          (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
                                          (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
-                                         (64, 64, 4, 2))]
+                                         (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3))]
     print(f"\n## sweep: {name} (default {tuple(default)})\n")
     print("| op | block_m | block_n | warps | stages | splits | ms | max err vs default |")
     print("|---|---|---|---|---|---|---|---|")

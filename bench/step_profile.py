@@ -1,44 +1,61 @@
 """Where one decode step of the example model (bench/generate.py's 16-layer config) spends its
-GPU time, kernel by kernel: dense fp16 cache with cuDNN/XLA attention or the TQ4 cache.
+device time, kernel by kernel: dense fp16 cache with cuDNN/XLA attention or the TQ4 cache.
 
-The step runs between cudaProfilerStart/Stop, so Nsight Compute profiles exactly one step:
+    PYTHONPATH=. python3 bench/step_profile.py tq4 1 32768 [layers]
 
-    PYTHONPATH=. ncu --profile-from-start off --clock-control none \\
-        --metrics gpu__time_duration.sum --csv --print-units base \\
-        python3 bench/step_profile.py run tq4 1 32768 > tq4.csv
-    python3 bench/step_profile.py summarize tq4.csv
-
-``run`` also prints the wall time per step (no profiler: mean of 10 donated-cache steps), so
-the sum of kernel times can be compared with it (the rest is launch gaps).
+It times 10 donated-cache steps (wall time per step, no profiler), then records 3 steps with
+``jax.profiler.trace(..., create_perfetto_trace=True)`` and prints the device time per kernel
+name from the trace, per step. The sum of kernel times against the wall time shows the
+launch gaps. GPU only: a CPU trace has no device stream tracks (the table is empty).
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import ctypes
 import glob
+import gzip
+import json
 import os
-import site
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+TRACED_STEPS = 3
 
-def _cudart() -> ctypes.CDLL:
-    """The CUDA runtime library (from the NVIDIA wheels jax uses, or a system CUDA)."""
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    pats = [os.path.join(r, "nvidia", "*", "lib", "libcudart.so*") for r in roots]
-    pats += ["/usr/local/cuda*/lib64/libcudart.so*", "/usr/lib/x86_64-linux-gnu/libcudart.so*"]
-    for pat in pats:
-        for path in sorted(glob.glob(pat)):
-            return ctypes.CDLL(path)
-    raise OSError("libcudart not found")
+
+def device_times(trace_path: str) -> dict[str, list[float]]:
+    """{kernel name: [calls, microseconds]} over the GPU stream tracks (threads named
+    "Stream ..." of processes named "/device:...") of a perfetto/Chrome JSON trace."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M"]
+    devices = {e["pid"] for e in meta if e.get("name") == "process_name"
+               and "/device:" in str(e.get("args", {}).get("name", ""))}
+    streams = {(e["pid"], e["tid"]) for e in meta if e.get("name") == "thread_name"
+               and e.get("pid") in devices and "Stream" in str(e.get("args", {}).get("name", ""))}
+    per: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:  # the "XLA Ops"/"XLA Modules" lines would count each kernel twice
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
+            per[e["name"][:80]][0] += 1
+            per[e["name"][:80]][1] += float(e["dur"])
+    return dict(per)
+
+
+def table(per: dict[str, list[float]], steps: int = 1, top: int = 25) -> str:
+    """Markdown table of :func:`device_times`, divided by ``steps``, largest first."""
+    total = sum(t for _, t in per.values()) / steps
+    lines = [f"{sum(n for n, _ in per.values()) / steps:.0f} kernels, {total:.1f} us of kernel "
+             "time per step", "", "| us | share | calls | kernel |", "|---|---|---|---|"]
+    for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| {t / steps:.1f} | {t / steps / total:.1%} | {n / steps:g} | `{k}` |")
+    return "\n".join(lines)
 
 
 def run(kind: str, batch: int, ctx: int, layers: int = 16) -> None:
-    """Time ``kind`` ("tq4", "cudnn" or "xla") steps at ``batch`` x ``ctx``, then run one step
-    inside a profiler window."""
+    """Time ``kind`` ("tq4", "cudnn" or "xla") steps at ``batch`` x ``ctx``, then trace
+    :data:`TRACED_STEPS` steps and print the per-kernel table."""
     import jax
 
     import generate as g
@@ -49,40 +66,20 @@ def run(kind: str, batch: int, ctx: int, layers: int = 16) -> None:
     cache = g.filled_cache(cfg, "dense" if dense else "tq4", batch, ctx, 30,
                            kind if dense else None)
     ms, step, tok, cache = g.timed_steps(params, cfg, cache, batch, 10)
-    print(f"{kind} B={batch} ctx={ctx}: {ms:.3f} ms per step", flush=True)
-    rt = _cudart()
-    rt.cudaProfilerStart()
-    logits, cache = step(params, tok, cache)
-    jax.block_until_ready(logits)
-    rt.cudaProfilerStop()
-
-
-def summarize(path: str, top: int = 25) -> None:
-    """Kernel time per kernel name from an ``ncu --csv`` file of gpu__time_duration.sum."""
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    head = next(i for i, r in enumerate(rows) if r[:1] == ["ID"])
-    cols = rows[head]
-    name, metric, value = (cols.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value"))
-    per = collections.defaultdict(lambda: [0, 0.0])
-    for r in rows[head + 1:]:
-        if len(r) > value and r[metric] == "gpu__time_duration.sum":
-            us = float(r[value].replace(",", "")) / 1e3
-            per[r[name][:80]][0] += 1
-            per[r[name][:80]][1] += us
-    total = sum(t for _, t in per.values())
-    print(f"{sum(n for n, _ in per.values())} kernels, {total:.1f} us of kernel time\n")
-    print("| us | share | calls | kernel |\n|---|---|---|---|")
-    for k, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"| {t:.1f} | {t / total:.1%} | {n} | `{k}` |")
+    print(f"{kind} B={batch} ctx={ctx} layers={layers}: {ms:.3f} ms per step", flush=True)
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(TRACED_STEPS):
+                logits, cache = step(params, tok, cache)
+            jax.block_until_ready(logits)
+        path = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        print(table(device_times(path), TRACED_STEPS), flush=True)
 
 
 def main() -> None:
     args = sys.argv[1:]
-    if args[:1] == ["run"] and len(args) in (4, 5):
-        run(args[1], int(args[2]), int(args[3]), *(int(a) for a in args[4:]))
-    elif args[:1] == ["summarize"] and len(args) == 2:
-        summarize(args[1])
+    if len(args) in (3, 4) and args[0] in ("tq4", "cudnn", "xla"):
+        run(args[0], *(int(a) for a in args[1:]))
     else:
         sys.exit(__doc__)
 

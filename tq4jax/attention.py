@@ -355,6 +355,9 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
     """Tile sizes for ``n_rows = group * Sq`` query rows per KV head over ``sk`` keys, and
     enough KV splits to give every SM ``per_sm`` programs when there are few row blocks.
     Measured on an H200 (bench/attention.py --sweep); compressed K/V want longer key tiles.
+    Causal prefill (2026-11-21): dense 8K 256x64 1.11-1.16 ms vs 128x64 1.32 (2K: 0.159 vs
+    0.129, so 256 rows only from 16K rows); compressed 8K 128x64 at 8 warps 2.05 vs 2.27 at
+    4 warps (256 rows: 2.31).
     Compressed decode runs 2 programs per SM (its registers allow no more), so its splits
     round down to one whole wave: B=8, 8 KV heads, 32K: 4 splits (paged 0.27 ms vs 0.31 at
     9 splits, which spill into a third, nearly empty wave); B=1: 33 (0.051 vs 0.074 at 66)."""
@@ -367,8 +370,8 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
             cfg, whole_wave = Config(bm, 128, 4, 3), True
         else:
             cfg = Config(bm, 64, 4, 3)
-    elif d <= 128:
-        cfg = Config(128, 64, 4 if compressed else 8, 3)
+    elif d <= 128:  # 8 warps: at 4 the compressed kernels spill (bench/kernel_report.py)
+        cfg = Config(256 if n_rows >= 16384 and not compressed else 128, 64, 8, 3)
     else:
         cfg = Config(64, 32, 8, 2)
     programs = pl.cdiv(n_rows, cfg.block_m) * b * hkv
