@@ -93,8 +93,10 @@ def pallas_call(kernel: Callable, *, mode: KernelMode, out_shape: Any, grid: tup
                 outs_specs = out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,)
                 specs["in_specs"] += list(outs_specs)
 
-            def body(*refs):  # drop the aliased input refs; outputs follow them
+            def poisoned(*refs):  # drop the aliased input refs; outputs follow them
                 return kernel(*refs[:n_in], *refs[n_in + n_out:])
+
+            body = poisoned
 
         fn = pl.pallas_call(
             body, out_shape=out_shape, grid=grid, input_output_aliases=aliases, **specs,
