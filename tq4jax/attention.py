@@ -140,13 +140,14 @@ def _paged_norms(paged: Paged, cache_refs, rows, kmask, norms_at: int) -> jnp.nd
 
 
 def _paged_tile(paged: Paged, cache_refs, bt_ref, bt_base, table_ref, codes_at: int,
-                norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut, norms=None):
+                norms_at: int, k_pos, kmask, bcols, bc_ok, dt, lut, norms=None, rows=None):
     """TQ4 K or V rows of tokens ``k_pos`` of one sequence and head from a paged cache ->
     (decoded (even, odd) halves [rows, D/2] in ``dt``, or int8 levels [rows, D] when ``dt`` is
-    int8 (``lut``: the static int8 LUT), norms [rows] f32: loaded here unless given).
-    ``cache_refs``: the flat cache [slots, W] uint8 (and its float32 words, flat, with
-    ``paged.norm_words``)."""
-    rows = _paged_rows(paged, cache_refs[0], bt_ref, bt_base, k_pos, kmask)
+    int8 (``lut``: the static int8 LUT), norms [rows] f32). Norms and cache rows are looked
+    up here unless given (prefetched). ``cache_refs``: the flat cache [slots, W] uint8 (and
+    its float32 words, flat, with ``paged.norm_words``)."""
+    if rows is None:
+        rows = _paged_rows(paged, cache_refs[0], bt_ref, bt_base, k_pos, kmask)
     codes = load_tile(cache_refs[0], rows, kmask, codes_at + bcols, bc_ok)
     if norms is None:
         norms = _paged_norms(paged, cache_refs, rows, kmask, norms_at)
@@ -275,20 +276,21 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
 
     prefetch = paged is not None and paged.prefetch_norms
 
-    def tile_norms(j):  # K and V norms of key tile j (masked: j may be past the range)
+    def tile_norms(j):  # cache rows, K and V norms of key tile j (masked: may be past the end)
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         rows = _paged_rows(paged, cache_refs[0], bt_ref, seq * max_blocks, k_pos, k_ok)
-        return tuple(_paged_norms(paged, cache_refs, rows, k_ok, at + NORM_BYTES * head)
-                     for at in (lay.k_norms, lay.v_norms))
+        return rows, tuple(_paged_norms(paged, cache_refs, rows, k_ok, at + NORM_BYTES * head)
+                           for at in (lay.k_norms, lay.v_norms))
 
     def body(j, carry, masked: bool):
-        acc, m_prev, l_prev, norms = carry
+        acc, m_prev, l_prev, ahead = carry
         k_pos, k_ok = tile_index(k_start + j * bn, bn, k_stop)
         kmask = k_ok if masked else None
-        if prefetch:  # this tile's norms came with the previous one; fetch the next tile's
-            k_tile_ = partial(k_tile, norms=norms[0])
-            v_tile_ = partial(v_tile, norms=norms[1])
-            norms = tile_norms(j + 1)
+        if prefetch:  # this tile's rows and norms came with the previous one; fetch the next
+            rows, (k_norms, v_norms) = ahead
+            k_tile_ = partial(k_tile, norms=k_norms, rows=rows)
+            v_tile_ = partial(v_tile, norms=v_norms, rows=rows)
+            ahead = tile_norms(j + 1)
         else:
             k_tile_, v_tile_ = k_tile, v_tile
         if int8_qk:
@@ -319,7 +321,7 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
         else:
             acc = acc * alpha[:, None] + dot(p.astype(dt), load_tile(v_refs[0], k_pos, kmask,
                                                                      cols, c_ok))
-        return acc, m_new, l_new, norms
+        return acc, m_new, l_new, ahead
 
     if v_tq4:
         acc = (jnp.zeros((bm, bcols.shape[0]), jnp.float32),) * 2
