@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import device_line  # noqa: E402
@@ -62,10 +63,12 @@ def bench_config(layers: int = 16) -> llama.LlamaConfig:
                              n_kv_heads=8, head_dim=128, ffn_dim=8192, dtype="float16")
 
 
-def timed_steps(params, cfg, cache, batch: int, steps: int):
+def timed_steps(params, cfg, cache, batch: int, steps: int, step=None):
     """Mean ms of ``steps`` decode steps after 2 warm-up steps (cache donated); returns
-    (ms, jitted step, token, cache after the steps)."""
-    step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg), donate_argnums=2)
+    (ms, jitted step, token, cache after the steps). ``step``: a jitted step from an earlier
+    call to reuse (no recompilation)."""
+    if step is None:
+        step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg), donate_argnums=2)
     tok = jnp.zeros((batch, 1), jnp.int32)
     for _ in range(2):
         logits, cache = step(params, tok, cache)
@@ -75,11 +78,6 @@ def timed_steps(params, cfg, cache, batch: int, steps: int):
         logits, cache = step(params, tok, cache)
     jax.block_until_ready(logits)
     return (time.perf_counter() - t0) / steps * 1e3, step, tok, cache
-
-
-def step_ms(params, cfg, cache, batch: int, steps: int) -> float:
-    """Mean ms of ``steps`` decode steps after 2 warm-up steps (cache donated)."""
-    return timed_steps(params, cfg, cache, batch, steps)[0]
 
 
 def max_context(cfg, kind: str, batch: int, budget: int) -> int:
@@ -100,6 +98,7 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget-gib", type=float, default=40.0)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved timing rounds")
     a = ap.parse_args()
     cfg = bench_config(4 if a.quick else a.layers)
     params = random_params(cfg)
@@ -107,28 +106,41 @@ def main():
     print(f"# generate bench: {device_line()}; Llama-style {cfg.n_layers} layers, dim "
           f"{cfg.dim}, {cfg.n_heads}/{cfg.n_kv_heads} heads, D={cfg.head_dim}, "
           f"{n_params / 1e9:.2f}B params fp16; one decode step (all layers + lm head)\n")
-    steps = 5 if a.quick else 20
-    print("| batch | context | dense cuDNN ms | dense XLA ms | TQ4 ms | TQ4 tokens/s | "
-          "dense best / TQ4 | dense cache GiB | TQ4 cache GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    steps, reps = (5, 1) if a.quick else (20, a.reps)
+    print(f"ms per step: median of {reps} rounds of {steps} steps; the rounds interleave the "
+          "three caches (run-to-run drift hits all alike); range = min-max over the rounds\n")
+    print("| batch | context | dense cuDNN ms | dense XLA ms | TQ4 ms | TQ4 range | TQ4 tokens/s "
+          "| dense best / TQ4 | dense cache GiB | TQ4 cache GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b in a.batch:
         for ctx in ((8192,) if a.quick else (8192, 32768)):
-            res, sizes = {}, {}
+            res, sizes, runs = {}, {}, {}
             for name, kind, impl in (("cudnn", "dense", "cudnn"), ("xla", "dense", "xla"),
                                      ("tq4", "tq4", None)):
                 try:
-                    cache = filled_cache(cfg, kind, b, ctx, steps + 4, impl)
+                    cache = filled_cache(cfg, kind, b, ctx, reps * (steps + 2) + 4, impl)
                     sizes[kind] = cache.nbytes / 2**30
-                    res[name] = step_ms(params, cfg, cache, b, steps)
-                    del cache
+                    runs[name] = [cache, None, []]  # cache, jitted step, times
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} failed at B={b} ctx={ctx}: {type(e).__name__}: "
                           f"{str(e)[:120]}")
+            for _ in range(reps):
+                for name, run in list(runs.items()):
+                    try:
+                        ms, run[1], _, run[0] = timed_steps(params, cfg, run[0], b, steps, run[1])
+                        run[2].append(ms)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {name} failed at B={b} ctx={ctx}: {type(e).__name__}: "
+                              f"{str(e)[:120]}")
+                        del runs[name]
+            res = {name: float(np.median(run[2])) for name, run in runs.items()}
+            spread = runs["tq4"][2] if "tq4" in runs else [float("nan")]
+            del runs
             dense = min(res.get("cudnn", float("inf")), res.get("xla", float("inf")))
             tq4 = res.get("tq4", float("nan"))
             fmt = lambda k: f"{res[k]:.3f}" if k in res else "-"  # noqa: E731
             print(f"| {b} | {ctx} | {fmt('cudnn')} | {fmt('xla')} | {fmt('tq4')} | "
-                  f"{b / tq4 * 1e3:.1f} | {dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
+                  f"{min(spread):.3f}-{max(spread):.3f} | {b / tq4 * 1e3:.1f} | {dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
                   f"{sizes.get('tq4', 0):.2f} |", flush=True)
     budget = int(a.budget_gib * 2**30)
     print(f"\nKV-cache budget {a.budget_gib:g} GiB, batch 1, {cfg.n_layers} layers:")

@@ -140,7 +140,7 @@ def main() -> None:
         cfg = attention.Config(*map(int, a.cfg.split(",")))
         attention.choose_config = paged.choose_config = lambda *_, **__: cfg
     if a.rot_out:
-        attention.ROTATE_IN_KERNEL_MAX_D = paged.ROTATE_IN_KERNEL_MAX_D = 0
+        attention.ROTATE_IN_KERNEL_MAX_D = 0
         V.ROTATE_IN_KERNEL_MAX_D = 0
     print(f"# kernel report: jax {jax.__version__}, sm_90 via pip triton; cfg "
           f"{a.cfg or 'default'}{', q rotated in XLA' if a.rot_out else ''}\n")

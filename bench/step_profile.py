@@ -11,36 +11,15 @@ launch gaps. GPU only: a CPU trace has no device stream tracks (the table is emp
 
 from __future__ import annotations
 
-import collections
 import glob
-import gzip
-import json
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import device_times  # noqa: E402
 
 TRACED_STEPS = 3
-
-
-def device_times(trace_path: str) -> dict[str, list[float]]:
-    """{kernel name: [calls, microseconds]} over the GPU stream tracks (threads named
-    "Stream ..." of processes named "/device:...") of a perfetto/Chrome JSON trace."""
-    opener = gzip.open if trace_path.endswith(".gz") else open
-    with opener(trace_path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    meta = [e for e in events if e.get("ph") == "M"]
-    devices = {e["pid"] for e in meta if e.get("name") == "process_name"
-               and "/device:" in str(e.get("args", {}).get("name", ""))}
-    streams = {(e["pid"], e["tid"]) for e in meta if e.get("name") == "thread_name"
-               and e.get("pid") in devices and "Stream" in str(e.get("args", {}).get("name", ""))}
-    per: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:  # the "XLA Ops"/"XLA Modules" lines would count each kernel twice
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
-            per[e["name"][:80]][0] += 1
-            per[e["name"][:80]][1] += float(e["dur"])
-    return dict(per)
 
 
 def table(per: dict[str, list[float]], steps: int = 1, top: int = 25) -> str:

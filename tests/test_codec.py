@@ -68,6 +68,53 @@ def test_pallas_vs_reference_random(rng, dim, bits):
         assert rel_linf(xk.astype(jnp.float32), xr.astype(jnp.float32)) < max(tol, 1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("n", [1, 8, 64, 150])
+def test_compress_kv_one_launch(rng, dim, n):
+    """compress_kv: the bytes of two compress calls (K 4-bit, V 3-bit codebook), from one
+    kernel launch; few rows take the column-split path, many rows the full-width one."""
+    dtype = [jnp.float16, jnp.bfloat16, jnp.float32][int(rng.integers(0, 3))]
+    lead = (n, 2)
+    k = jnp.asarray(rng.standard_normal(lead + (dim,)) * rng.uniform(0.1, 10), dtype)
+    v = jnp.asarray(rng.standard_normal(lead + (dim,)) * rng.uniform(0.1, 10), dtype)
+    rot = tq.haar_rotation(dim, seed=int(rng.integers(1 << 30)))
+    _, kb = tq.lloyd_max(dim, 4)
+    _, vb = tq.lloyd_max(dim, 3)
+    out = tq.compress_kv(k, v, rot, kb, vb, impl="pallas")
+    for (p, nrm), x, bnd in zip((out[:2], out[2:]), (k, v), (kb, vb)):
+        assert p.shape == lead + (dim // 2,) and p.dtype == jnp.uint8 and nrm.shape == lead
+        ps, ns = tq.compress(x, rot, bnd, impl="pallas")
+        idx, norm, y = oracle_compress(np.asarray(x.astype(jnp.float32)), rot, bnd)
+        assert_codes_match(p, ps, y, bnd)  # another kernel: float rounding may differ
+        np.testing.assert_allclose(np.asarray(nrm), np.asarray(ns), rtol=1e-6)
+        assert_codes_match(p, (idx[..., 0::2] * 16 + idx[..., 1::2]).astype(np.uint8), y, bnd)
+        np.testing.assert_allclose(np.asarray(nrm), norm, rtol=1e-6)
+    ref = tq.compress_kv(k, v, rot, kb, impl="reference")  # V defaults to K's codebook
+    _, _, y = oracle_compress(np.asarray(v.astype(jnp.float32)), rot, kb)
+    assert_codes_match(ref[2], tq.compress(v, rot, kb, impl="reference")[0], y, kb)
+    text = lower_to_triton(lambda a, b: tq.compress_kv(a, b, rot, kb, vb, impl="pallas"), k, v)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_compress_kv_bad_input():
+    rot = tq.haar_rotation(64)
+    _, bnd = tq.lloyd_max(64, 4)
+    x = jnp.ones((4, 64), jnp.float16)
+    with pytest.raises(ValueError, match="value must have key's shape"):
+        tq.compress_kv(x, jnp.ones((5, 64), jnp.float16), rot, bnd)
+    v = np.random.default_rng().standard_normal((4, 64)).astype(np.float32)
+    out = tq.compress_kv(x, jnp.asarray(v), rot, bnd, impl="pallas")  # streams keep dtypes
+    assert out[0].shape == out[2].shape == (4, 32)
+    for (p, nrm), a in ((out[:2], np.asarray(x, np.float32)), (out[2:], v)):
+        idx, norm, y = oracle_compress(a, rot, bnd)
+        assert_codes_match(p, (idx[..., 0::2] * 16 + idx[..., 1::2]).astype(np.uint8), y, bnd)
+        np.testing.assert_allclose(np.asarray(nrm), norm, rtol=1e-6)
+    with pytest.raises(TypeError, match="key"):
+        tq.compress_kv(x.astype(jnp.int32), x, rot, bnd)
+    with pytest.raises(ValueError, match="v_boundaries"):
+        tq.compress_kv(x, x, rot, bnd, np.zeros(14, np.float32))
+
+
 def test_edge_rows():
     dim, bits = 128, 4
     rng = np.random.default_rng()

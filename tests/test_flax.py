@@ -106,7 +106,9 @@ def _quantized(base):
             p, n = compress_reference(x.astype(jnp.float32), spec.rotation, boundaries)
             return dequantize_reference(p, n, centroids, spec.rotation, jnp.float32)
 
-        return base(query, round_trip(key, "k"), round_trip(value, "v"), bias, mask, **kw)
+        # float32 dots (GPUs would otherwise run them in TF32, a ~1e-3 oracle error)
+        with jax.default_matmul_precision("highest"):
+            return base(query, round_trip(key, "k"), round_trip(value, "v"), bias, mask, **kw)
 
     return attention_fn
 

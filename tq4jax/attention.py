@@ -346,6 +346,19 @@ def _attn_kernel(*refs, k_tq4: bool, v_tq4: bool, rot_q: bool, post: bool, k_lut
 
 #: Largest head dim whose rotation (two [D, D] 16-bit halves) is applied inside the kernel.
 ROTATE_IN_KERNEL_MAX_D = 128
+#: Query rows per KV head up to which (decode) q and the output are rotated in XLA instead.
+ROTATE_IN_XLA_MAX_ROWS = 64
+
+
+def rotate_in_kernel(d: int, n_rows: int) -> bool:
+    """Whether the kernel rotates q (``q @ Pi^T``) and post-rotates its output itself, for
+    ``n_rows`` query rows per KV head. Above ROTATE_IN_KERNEL_MAX_D the 16-bit halves of Pi
+    overflow shared memory. Decode (n_rows <= ROTATE_IN_XLA_MAX_ROWS) rotates in XLA: each
+    program would load 128 KB of Pi halves for a 16-row tile, and the rotation's registers
+    and shared memory stay out of the key loop. H200, 32/8 heads, D=128, 32K keys, kernel
+    time: contiguous B=1 0.0348 -> 0.0330 ms, paged B=1 0.0423 -> 0.0405; B=8 wall 0.184 ->
+    0.181 / 0.273 -> 0.267; 16-layer model decode step at B=1 about 0.1 ms faster."""
+    return d <= ROTATE_IN_KERNEL_MAX_D and n_rows > ROTATE_IN_XLA_MAX_ROWS
 #: Streaming multiprocessors to fill (H100/H200: 132); see choose_config's per_sm.
 NUM_SMS = 132
 #: A KV split covers at least this many keys.
@@ -423,7 +436,7 @@ class Rotation(NamedTuple):
 
 
 def rotate_in_xla(q: jnp.ndarray, rot: Rotation) -> jnp.ndarray:
-    """``q @ Pi^T`` outside the kernel (D > ROTATE_IN_KERNEL_MAX_D), in q's dtype."""
+    """``q @ Pi^T`` outside the kernel (see :func:`rotate_in_kernel`), in q's dtype."""
     return jnp.matmul(q.astype(jnp.float32), rot.pi.T,
                       precision=lax.Precision.HIGHEST).astype(q.dtype)
 
@@ -452,7 +465,7 @@ def _attn_pallas(q, k_parts, v_parts, rot, mask, lens, *, k_lut, v_lut, causal, 
     hkv, sk = k_parts[0].shape[1], k_parts[0].shape[2]
     group, n_rows, splits = hq // hkv, (hq // hkv) * sq, cfg.splits
     k_tq4, v_tq4 = len(k_parts) == 3, len(v_parts) == 3
-    in_kernel = d <= ROTATE_IN_KERNEL_MAX_D  # else Pi's 16-bit halves overflow shared memory
+    in_kernel = rotate_in_kernel(d, n_rows)
     rot_q, post = k_tq4 and in_kernel, v_tq4 and in_kernel
     if k_tq4 and not in_kernel:
         q = rotate_in_xla(q, rot)

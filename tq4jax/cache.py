@@ -27,7 +27,7 @@ import numpy as np
 
 from .attention import flash_attention_tq4_kv
 from .codebook import haar_rotation, lloyd_max
-from .codec import compress
+from .codec import compress_kv
 from .layout import NORM_BYTES
 
 __all__ = ["TQ4Spec", "TQ4Cache", "DenseCache"]
@@ -166,8 +166,8 @@ class TQ4Cache:
         key, value = _check_new("key", key, b, h, d), _check_new("value", value, b, h, d)
         pos, lens = _positions(self.lengths[layer], key.shape[1], new_lengths, c)
         rot = self.spec.rotation
-        kp, kn = compress(key, rot, self.spec.codebook("k")[1], impl=impl)
-        vp, vn = compress(value, rot, self.spec.codebook("v")[1], impl=impl)
+        kp, kn, vp, vn = compress_kv(key, value, rot, self.spec.codebook("k")[1],
+                                     self.spec.codebook("v")[1], impl=impl)
         return dataclasses.replace(
             self,
             k_codes=_replace(self.k_codes, layer, _scatter(self.k_codes[layer], pos, kp)),

@@ -81,48 +81,76 @@ def bucketize(y: jnp.ndarray, bnd_ref: Any, n_bounds: int) -> jnp.ndarray:
 # compress
 # ----------------------------------------------------------------------------------------------
 
-def _compress_kernel(x_ref, reh_ref, rel_ref, roh_ref, rol_ref, bnd_ref, packed_ref, norm_ref,
-                     *, block_rows: int, n_bounds: int, chunk: int):
-    n, d = x_ref.shape
-    dp, hp = reh_ref.shape
-    rows, rmask = tile_index(pl.program_id(0) * block_rows, block_rows, n)
-    cols, cmask = tile_index(0, dp, d)
-    x = load_tile(x_ref, rows, rmask, cols, cmask)
-    xf = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(xf * xf, axis=1))
-    denom = (norm + NORM_EPS)[:, None]
-    if x.dtype == jnp.float16:   # exact in fp16: rotate x itself, normalize after (2 dots)
-        a_hi, a_lo = x, None
-    else:                        # rotate u = x / (norm + eps) split into two fp16 halves
-        a_hi, a_lo = split16(xf / denom)
-    for j in range(hp // chunk):
-        sl = pl.ds(j * chunk, chunk)
+#: Rows up to which compress runs as one row block split into column blocks of this many
+#: packed bytes (decode-time cache updates: a few rows per layer). Each program then loads only
+#: its slice of the rotation, so the launch is short instead of one program streaming all of it.
+SMALL_ROWS, SMALL_CHUNK = 64, 16
+
+
+def _compress_kernel(*refs, n_streams: int, block_rows: int, n_bounds: tuple[int, ...],
+                     chunk: int):
+    """Grid (row blocks, streams, column blocks): program (i, s, j) compresses rows block i of
+    stream s and writes packed bytes [j * chunk, (j + 1) * chunk) (and, for j = 0, the norms).
+    refs: Pi^T halves (even hi, lo, odd hi, lo), the streams' x [N, D], their boundaries,
+    then per stream its outputs packed [N, D/2] and norms [N]."""
+    reh_ref, rel_ref, roh_ref, rol_ref = refs[:4]
+    xs, bnds = refs[4:4 + n_streams], refs[4 + n_streams:4 + 2 * n_streams]
+    outs = refs[4 + 2 * n_streams:]
+    i, j = pl.program_id(0), pl.program_id(2)  # read outside pl.when (interpret mode needs it)
+
+    def one(s: int) -> None:
+        x_ref, bnd_ref, packed_ref, norm_ref = xs[s], bnds[s], outs[2 * s], outs[2 * s + 1]
+        n, d = x_ref.shape
+        dp = reh_ref.shape[0]
+        rows, rmask = tile_index(i * block_rows, block_rows, n)
+        cols, cmask = tile_index(0, dp, d)
+        x = load_tile(x_ref, rows, rmask, cols, cmask)
+        xf = x.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(xf * xf, axis=1))
+        denom = (norm + NORM_EPS)[:, None]
+        if x.dtype == jnp.float16:   # exact in fp16: rotate x itself, normalize after (2 dots)
+            a_hi, a_lo = x, None
+        else:                        # rotate u = x / (norm + eps) split into two fp16 halves
+            a_hi, a_lo = split16(xf / denom)
+        sl = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
         y_even = dot_split(a_hi, a_lo, reh_ref[:, sl], rel_ref[:, sl])
         y_odd = dot_split(a_hi, a_lo, roh_ref[:, sl], rol_ref[:, sl])
         if a_lo is None:
             y_even, y_odd = y_even / denom, y_odd / denom
-        code = (bucketize(y_even, bnd_ref, n_bounds) << 4) | bucketize(y_odd, bnd_ref, n_bounds)
+        code = ((bucketize(y_even, bnd_ref, n_bounds[s]) << 4)
+                | bucketize(y_odd, bnd_ref, n_bounds[s]))
         hcols, hmask = tile_index(j * chunk, chunk, d // 2)
         store_tile(packed_ref, rows, rmask, hcols, hmask, code)
-    store_rows(norm_ref, rows, rmask, norm)
+
+        @pl.when(j == 0)
+        def _():
+            store_rows(norm_ref, rows, rmask, norm)
+
+    if n_streams == 1:
+        one(0)
+    else:
+        stream = pl.program_id(1)
+        for s in range(n_streams):
+            pl.when(stream == s)(partial(one, s))
 
 
 @partial(jax.jit, static_argnames=("block_rows", "num_warps", "mode"))
-def _compress_pallas(x: jnp.ndarray, rotation: jnp.ndarray, boundaries: jnp.ndarray, *,
-                     block_rows: int, num_warps: int,
-                     mode: KernelMode) -> tuple[jnp.ndarray, jnp.ndarray]:
-    n, d = x.shape
+def _compress_pallas(xs: tuple, rotation: jnp.ndarray, boundaries: tuple, *, block_rows: int,
+                     num_warps: int, mode: KernelMode) -> tuple:
+    """xs: S arrays [N, D] (one shape), boundaries: S arrays -> (packed [N, D/2] uint8,
+    norms [N] f32) per stream, flattened: (packed_0, norms_0, packed_1, ...)."""
+    n, d = xs[0].shape
     halves = rotation_t_halves(rotation)
     hp = halves[0].shape[1]
-    kernel = partial(_compress_kernel, block_rows=block_rows, n_bounds=boundaries.shape[0],
-                     chunk=min(hp, 64))
+    chunk = min(hp, SMALL_CHUNK if n <= min(block_rows, SMALL_ROWS) else 64)
+    kernel = partial(_compress_kernel, n_streams=len(xs), block_rows=block_rows,
+                     n_bounds=tuple(b.shape[0] for b in boundaries), chunk=chunk)
+    out_shape = (jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
+                 jax.ShapeDtypeStruct((n,), jnp.float32)) * len(xs)
     return pallas_call(
-        kernel, mode=mode,
-        grid=(pl.cdiv(n, block_rows),),
-        out_shape=(jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
-                   jax.ShapeDtypeStruct((n,), jnp.float32)),
-        num_warps=num_warps, num_stages=1,
-    )(x, *halves, boundaries)
+        kernel, mode=mode, grid=(pl.cdiv(n, block_rows), len(xs), hp // chunk),
+        out_shape=out_shape, num_warps=num_warps, num_stages=1,
+    )(*halves, *xs, *boundaries)
 
 
 def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
@@ -161,10 +189,41 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
     if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
         packed, norms = compress_reference(rows, rotation, boundaries)
     else:
-        packed, norms = _compress_pallas(rows, rotation, boundaries, block_rows=block_rows,
-                                         num_warps=num_warps,
-                                         mode=kernel_mode())
+        packed, norms = _compress_pallas((rows,), rotation, (boundaries,), block_rows=block_rows,
+                                         num_warps=num_warps, mode=kernel_mode())
     return packed.reshape(lead + (d // 2,)), norms.reshape(lead)
+
+
+def compress_kv(key: Any, value: Any, rotation: Any, k_boundaries: Any,
+                v_boundaries: Any = None, *, impl: str = "auto", block_rows: int | None = None,
+                num_warps: int | None = None) -> tuple[jnp.ndarray, ...]:
+    """:func:`compress` of keys and values in one kernel launch (a KV-cache update).
+
+    key, value: [..., D] float of one shape (each its own dtype); ``v_boundaries`` defaults to
+    ``k_boundaries``. Returns ``(k_packed, k_norms, v_packed, v_norms)`` as :func:`compress`
+    returns them for each.
+    """
+    key, value = ck.as_array("key", key), ck.as_array("value", value)
+    for name, x in (("key", key), ("value", value)):
+        ck.check_float(name, x)
+        ck.check_ndim(name, x, tuple(range(1, 16)), "[..., head_dim]")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
+                         f"got {tuple(value.shape)}")
+    d = key.shape[-1]
+    ck.check_head_dim("key", d)
+    rotation = ck.check_rotation(rotation, d)
+    kb = ck.check_boundaries(k_boundaries, "k_boundaries")
+    vb = kb if v_boundaries is None else ck.check_boundaries(v_boundaries, "v_boundaries")
+    lead = tuple(key.shape[:-1])
+    rows = (key.reshape(-1, d), value.reshape(-1, d))
+    block_rows, num_warps = tiling("compress", block_rows, num_warps)
+    if resolve_impl(impl) == "reference" or rows[0].shape[0] == 0:
+        out = (*compress_reference(rows[0], rotation, kb), *compress_reference(rows[1], rotation, vb))
+    else:
+        out = _compress_pallas(rows, rotation, (kb, vb), block_rows=block_rows,
+                               num_warps=num_warps, mode=kernel_mode())
+    return tuple(x.reshape(lead + (d // 2,) if i % 2 == 0 else lead) for i, x in enumerate(out))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ from jax.experimental import pallas as pl
 
 from . import _checks as ck
 from ._config import kernel_mode, pallas_call, resolve_impl
-from .attention import (LOG2E, ROTATE_IN_KERNEL_MAX_D, Paged, _attn_kernel, _codebook_parts,
-                        _rotation_parts, attention_reference, choose_config, finish,
-                        merge_splits, rotate_in_xla, whole_spec)
-from .codec import compress, dequantize_reference
+from .attention import (LOG2E, Paged, _attn_kernel, _codebook_parts, _rotation_parts,
+                        attention_reference, choose_config, finish, merge_splits,
+                        rotate_in_kernel, rotate_in_xla, whole_spec)
+from .codec import compress_kv, dequantize_reference
 from ._tiles import int8_codebook
 from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook, paged_layout
 
@@ -93,8 +93,7 @@ def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation
         kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries)
     if key.shape[0] == 0:
         return kv_cache
-    kp, kn = compress(key, rotation, kb, impl=impl)
-    vp, vn = compress(value, rotation, vb, impl=impl)
+    kp, kn, vp, vn = compress_kv(key, value, rotation, kb, vb, impl=impl)
     return _scatter_rows(kv_cache, _token_rows(kp, kn, vp, vn), slots)
 
 
@@ -185,10 +184,10 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
     hkv, bs = paged.num_kv_heads, paged.block_size
     group, splits, n_seqs = hq // hkv, cfg.splits, seq_lens.shape[0]
     cap = block_table.shape[1] * bs
-    in_kernel = d <= ROTATE_IN_KERNEL_MAX_D
+    decode = query_start_loc is None
+    in_kernel = rotate_in_kernel(d, group * (1 if decode else max(1, n // n_seqs)))
     if not in_kernel:
         q = rotate_in_xla(q, rot)
-    decode = query_start_loc is None
     if decode:
         query_start_loc = jnp.arange(n + 1, dtype=jnp.int32)
     if decode and group <= cfg.block_m:  # one block per sequence
