@@ -140,7 +140,8 @@ def main():
             tq4 = res.get("tq4", float("nan"))
             fmt = lambda k: f"{res[k]:.3f}" if k in res else "-"  # noqa: E731
             print(f"| {b} | {ctx} | {fmt('cudnn')} | {fmt('xla')} | {fmt('tq4')} | "
-                  f"{min(spread):.3f}-{max(spread):.3f} | {b / tq4 * 1e3:.1f} | {dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
+                  f"{min(spread):.3f}-{max(spread):.3f} | {b / tq4 * 1e3:.1f} | "
+                  f"{dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
                   f"{sizes.get('tq4', 0):.2f} |", flush=True)
     budget = int(a.budget_gib * 2**30)
     print(f"\nKV-cache budget {a.budget_gib:g} GiB, batch 1, {cfg.n_layers} layers:")

@@ -359,6 +359,8 @@ def rotate_in_kernel(d: int, n_rows: int) -> bool:
     time: contiguous B=1 0.0348 -> 0.0330 ms, paged B=1 0.0423 -> 0.0405; B=8 wall 0.184 ->
     0.181 / 0.273 -> 0.267; 16-layer model decode step at B=1 about 0.1 ms faster."""
     return d <= ROTATE_IN_KERNEL_MAX_D and n_rows > ROTATE_IN_XLA_MAX_ROWS
+
+
 #: Streaming multiprocessors to fill (H100/H200: 132); see choose_config's per_sm.
 NUM_SMS = 132
 #: A KV split covers at least this many keys.

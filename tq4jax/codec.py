@@ -176,22 +176,9 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
     Returns:
       ``(packed uint8 [..., D/2], norms float32 [...])``; high nibble = even coordinate.
     """
-    x = ck.as_array("x", x)
-    ck.check_float("x", x)
-    ck.check_ndim("x", x, tuple(range(1, 16)), "[..., head_dim]")
-    d = x.shape[-1]
-    ck.check_head_dim("x", d)
-    rotation = ck.check_rotation(rotation, d)
-    boundaries = ck.check_boundaries(boundaries)
-    lead = tuple(x.shape[:-1])
-    rows = x.reshape(-1, d)
-    block_rows, num_warps = tiling("compress", block_rows, num_warps)
-    if resolve_impl(impl) == "reference" or rows.shape[0] == 0:
-        packed, norms = compress_reference(rows, rotation, boundaries)
-    else:
-        packed, norms = _compress_pallas((rows,), rotation, (boundaries,), block_rows=block_rows,
-                                         num_warps=num_warps, mode=kernel_mode())
-    return packed.reshape(lead + (d // 2,)), norms.reshape(lead)
+    packed, norms = _compress_streams({"x": x}, rotation, [("boundaries", boundaries)], impl,
+                                      block_rows, num_warps)
+    return packed, norms
 
 
 def compress_kv(key: Any, value: Any, rotation: Any, k_boundaries: Any,
@@ -203,27 +190,39 @@ def compress_kv(key: Any, value: Any, rotation: Any, k_boundaries: Any,
     ``k_boundaries``. Returns ``(k_packed, k_norms, v_packed, v_norms)`` as :func:`compress`
     returns them for each.
     """
-    key, value = ck.as_array("key", key), ck.as_array("value", value)
-    for name, x in (("key", key), ("value", value)):
+    v_bounds = ("k_boundaries", k_boundaries) if v_boundaries is None else ("v_boundaries",
+                                                                            v_boundaries)
+    return tuple(_compress_streams({"key": key, "value": value}, rotation,
+                                   [("k_boundaries", k_boundaries), v_bounds], impl,
+                                   block_rows, num_warps))
+
+
+def _compress_streams(xs: dict[str, Any], rotation: Any, bounds: list[tuple[str, Any]],
+                      impl: str, block_rows: int | None, num_warps: int | None) -> list:
+    """Checks of :func:`compress` / :func:`compress_kv` and one compress launch over the
+    streams ``xs`` (argument name -> [..., D] float, one shape), stream i quantized with
+    ``bounds[i]`` (argument name, boundaries). Returns [packed, norms] per stream."""
+    names = list(xs)
+    arrs = [ck.as_array(name, x) for name, x in xs.items()]
+    for name, x in zip(names, arrs):
         ck.check_float(name, x)
         ck.check_ndim(name, x, tuple(range(1, 16)), "[..., head_dim]")
-    if value.shape != key.shape:
-        raise ValueError(f"value must have key's shape {tuple(key.shape)}, "
-                         f"got {tuple(value.shape)}")
-    d = key.shape[-1]
-    ck.check_head_dim("key", d)
+        if x.shape != arrs[0].shape:
+            raise ValueError(f"{name} must have {names[0]}'s shape {tuple(arrs[0].shape)}, "
+                             f"got {tuple(x.shape)}")
+    d = arrs[0].shape[-1]
+    ck.check_head_dim(names[0], d)
     rotation = ck.check_rotation(rotation, d)
-    kb = ck.check_boundaries(k_boundaries, "k_boundaries")
-    vb = kb if v_boundaries is None else ck.check_boundaries(v_boundaries, "v_boundaries")
-    lead = tuple(key.shape[:-1])
-    rows = (key.reshape(-1, d), value.reshape(-1, d))
+    bnds = [ck.check_boundaries(b, name) for name, b in bounds]
+    lead = tuple(arrs[0].shape[:-1])
+    rows = tuple(x.reshape(-1, d) for x in arrs)
     block_rows, num_warps = tiling("compress", block_rows, num_warps)
     if resolve_impl(impl) == "reference" or rows[0].shape[0] == 0:
-        out = (*compress_reference(rows[0], rotation, kb), *compress_reference(rows[1], rotation, vb))
+        out = [y for r, b in zip(rows, bnds) for y in compress_reference(r, rotation, b)]
     else:
-        out = _compress_pallas(rows, rotation, (kb, vb), block_rows=block_rows,
+        out = _compress_pallas(rows, rotation, tuple(bnds), block_rows=block_rows,
                                num_warps=num_warps, mode=kernel_mode())
-    return tuple(x.reshape(lead + (d // 2,) if i % 2 == 0 else lead) for i, x in enumerate(out))
+    return [x.reshape(lead + (d // 2,) if i % 2 == 0 else lead) for i, x in enumerate(out)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from .attention import flash_attention_tq4_kv
 from .cache import DenseCache, TQ4Cache, TQ4Spec
-from .codec import compress
+from .codec import compress_kv
 
 __all__ = ["dot_product_attention", "make_attention_fn"]
 
@@ -76,8 +76,8 @@ def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, ma
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
     spec = TQ4Spec(d) if spec is None else spec
     rot = spec.rotation
-    kp, kn = compress(jnp.swapaxes(key, 1, 2), rot, spec.codebook("k")[1])
-    vp, vn = compress(jnp.swapaxes(value, 1, 2), rot, spec.codebook("v")[1])
+    kp, kn, vp, vn = compress_kv(jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), rot,
+                                 spec.codebook("k")[1], spec.codebook("v")[1])
     s = key.shape[1]
     kv_len = (jnp.full((b,), s, jnp.int32) if key_value_seq_lengths is None
               else jnp.asarray(key_value_seq_lengths, jnp.int32))
