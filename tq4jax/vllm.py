@@ -12,7 +12,9 @@ post-rotation. fp8 keys are compared against the raw query.
   quantization, fp16 fields); an XLA scatter writes them (in place when the cache is donated).
 * ``turboquant_decode``: stage 1 is a split-KV Pallas kernel, one program per
   (sequence, KV head, split) holding all query heads of the group, so each decoded tile feeds
-  a ``[group, D] x [D, block_n]`` tensor-core dot. Values enter as their integer levels:
+  a ``[group, D] x [D, block_n]`` tensor-core dot. The query is rotated (``q @ Pi^T``) by
+  the rule of :func:`tq4jax.attention.rotate_in_kernel`: in XLA for a decode's few rows
+  per KV head, in the kernel above that. Values enter as their integer levels:
   ``p @ v = (p * scale) @ levels + sum(p * zero)``. Each split writes ``acc / l`` and
   ``m + log l``; empty splits return without writing; stage 2 is a fused jnp log-sum-exp merge
   that skips them (bench/vllm_layout.py measures it).
@@ -38,8 +40,8 @@ from . import _checks as ck
 from ._config import kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import (decode_split, dot_split, interleave, load_rows, load_tile, split16,
                      store_rows, store_tile, tile_index)
-from .attention import (LOG2E, M_INIT, ROTATE_IN_KERNEL_MAX_D, _codebook_parts, _columns,
-                        _query_halves, _rotation_parts, attention_reference)
+from .attention import (LOG2E, M_INIT, _codebook_parts, _columns, _query_halves,
+                        _rotation_parts, attention_reference, rotate_in_kernel, rotate_in_xla)
 from .codec import bucketize
 from .layout import (CODEBOOK_SLOTS, FP8_E4M3_MAX, FP16_MAX, VLLM_MIN_SCALE, VLLM_NC_EPS,
                      VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, pad_codebook, vllm_slot)
@@ -691,13 +693,13 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
     group = hq // hkv
     block_m = max(16, next_pow2(group))
     dt = query.dtype
-    rot_q = not lay.key_fp8 and d <= ROTATE_IN_KERNEL_MAX_D
-    if not lay.key_fp8 and not rot_q:  # wide heads: Pi^T halves would not fit shared memory
-        query = jnp.matmul(query.astype(jnp.float32), rotation.T,
-                           precision=lax.Precision.HIGHEST).astype(dt)
+    rot_q = not lay.key_fp8 and rotate_in_kernel(d, group)  # decode: group rows per KV head
+    rot = None if lay.key_fp8 else _rotation_parts(rotation, dt)
+    if not lay.key_fp8 and not rot_q:
+        query = rotate_in_xla(query, rot)
     v_table, _ = _value_table(dt)
     args = [query.reshape(b * hq, d)]
-    args += list(_rotation_parts(rotation, dt).q_halves) if rot_q else []
+    args += list(rot.q_halves) if rot_q else []
     args += [*_cache_views(kv_cache), block_table.reshape(-1), seq_lens, k_table, v_table]
     rows = b * hq * splits
     kernel = partial(_decode_kernel, lay=lay, nc=nc, rot_q=rot_q, k_lut=k_lut, v_lut=v_lut,
