@@ -166,6 +166,12 @@ def paged_schedule(query_start_loc: jnp.ndarray, group: int, block_m: int,
     return jnp.concatenate([jnp.where(live, seq, -1), jnp.where(live, row0, 0)])
 
 
+def rows_per_kv_head(n_tokens: int, n_seqs: int, group: int) -> int:
+    """Typical query rows per KV head and sequence (``group`` heads x mean tokens per
+    sequence; decode: ``group``): the row count behind the tile and rotation choices."""
+    return group * max(1, n_tokens // max(1, n_seqs))
+
+
 def schedule_blocks(n_tokens: int, n_seqs: int, group: int, block_m: int) -> int:
     """Static upper bound of the row blocks of :func:`paged_schedule` (each sequence's last
     block may be partial; with group <= block_m a block holds at least one token)."""
@@ -185,7 +191,7 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
     group, splits, n_seqs = hq // hkv, cfg.splits, seq_lens.shape[0]
     cap = block_table.shape[1] * bs
     decode = query_start_loc is None
-    in_kernel = rotate_in_kernel(d, group * (1 if decode else max(1, n // n_seqs)))
+    in_kernel = rotate_in_kernel(d, rows_per_kv_head(n, n_seqs, group))
     if not in_kernel:
         q = rotate_in_xla(q, rot)
     if decode:
@@ -403,7 +409,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     n, hq, d = q.shape
     s = seq_lens.shape[0]
     cap = block_table.shape[1] * block_size
-    cfg = choose_config(1, num_kv_heads, max(1, n // s) * (hq // num_kv_heads), cap, d,
+    cfg = choose_config(1, num_kv_heads, rows_per_kv_head(n, s, hq // num_kv_heads), cap, d,
                         compressed=True)
     paged = _paged_spec(kv_cache, num_kv_heads, head_dim, decode=False)
     return _paged_pallas(q, kv_cache, block_table, seq_lens, qsl, k_table, v_bits,
