@@ -552,8 +552,9 @@ def turboquant_store_reference(kv_cache, key, value, slot_mapping, Pi, centroids
 
 class DecodeConfig(NamedTuple):
     """Static tiling of the decode kernel. ``prefetch``: each key tile loads the next tile's
-    fp16 scalars (key norm, value scale and zero: 2-byte gathers, one slot each) a loop
-    iteration ahead, so their latency overlaps the decode. ``nc_dot``: norm correction sums
+    cache rows (block-table reads) and fp16 scalars (key norm, value scale and zero: 2-byte
+    gathers, one slot each) a loop iteration ahead, so their latency overlaps the decode; the
+    next tile reuses those rows (4bit_nc, H200, B=8 32K: 0.322 -> 0.312 ms). ``nc_dot``: norm correction sums
     the squared decoded centroids of each key with two more tensor-core dots (a ones matrix
     times the squared halves) instead of row reductions in registers."""
     block_n: int = 128
@@ -621,16 +622,20 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
             pmask = ok if masked else None
             return ok, pmask, slot_rows(pos, pmask)
 
-        def scalars(j):  # fp16 scalars of key tile j (j may be past the range: masked)
+        def ahead(j):  # rows and fp16 scalars of key tile j (j may be past the range: masked)
             _, pmask, rows = rows_of(j, True)
-            return _fetch_slot_scalars(cache_refs, rows, pmask, lay)
+            return rows, _fetch_slot_scalars(cache_refs, rows, pmask, lay)
 
         def step(j, carry, masked: bool):  # online softmax over key tile j
-            acc, zacc, m_prev, l_prev, scal = carry
-            ok, pmask, rows = rows_of(j, masked)
+            acc, zacc, m_prev, l_prev, nxt = carry
+            if cfg.prefetch:  # this tile's rows came with the previous one
+                _, ok = tile_index(start + j * bn, bn, stop)
+                pmask, rows = (ok if masked else None), nxt[0]
+            else:
+                ok, pmask, rows = rows_of(j, masked)
             codes = _fetch_slot_codes(cache_ref, rows, pmask, lay)
-            if cfg.prefetch:  # this tile's scalars came with the previous one
-                scal, cur = scalars(j + 1), scal
+            if cfg.prefetch:  # so did its scalars; fetch the next tile's
+                nxt, cur = ahead(j + 1), nxt[1]
             else:
                 cur = _fetch_slot_scalars(cache_refs, rows, pmask, lay)
             raw_k, raw_v = _slot_raw(codes, cur)
@@ -651,7 +656,7 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
             pv = (p * v_scale[None, :]).astype(dt)  # acc: (even, odd) output coordinates
             acc = tuple(a * alpha[:, None] + dot(pv, x) for a, x in zip(acc, lev))
             zacc = zacc * alpha + jnp.sum(p * v_zero[None, :], axis=1)
-            return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1), scal
+            return acc, zacc, m_new, l_prev * alpha + jnp.sum(p, axis=1), nxt
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
         half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
@@ -660,7 +665,7 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
             ones = jnp.ones(half.shape, dt) if h_ok is None else jnp.broadcast_to(
                 h_ok[None, :].astype(dt), half.shape)
         carry = ((half, half), zero_rows, jnp.full((block_m,), M_INIT, jnp.float32),
-                 zero_rows, scalars(0) if cfg.prefetch else ())
+                 zero_rows, ahead(0) if cfg.prefetch else ())
         n_full = (stop - start) // bn
         carry = lax.fori_loop(0, n_full, partial(step, masked=False), carry)
         acc, zacc, m, l_fin, _ = lax.fori_loop(n_full, pl.cdiv(stop - start, bn),
