@@ -554,9 +554,9 @@ class DecodeConfig(NamedTuple):
     """Static tiling of the decode kernel. ``prefetch``: each key tile loads the next tile's
     cache rows (block-table reads) and fp16 scalars (key norm, value scale and zero: 2-byte
     gathers, one slot each) a loop iteration ahead, so their latency overlaps the decode; the
-    next tile reuses those rows (4bit_nc, H200, B=8 32K: 0.322 -> 0.312 ms). ``nc_dot``: norm correction sums
-    the squared decoded centroids of each key with two more tensor-core dots (a ones matrix
-    times the squared halves) instead of row reductions in registers."""
+    next tile reuses those rows (4bit_nc, H200, B=8 32K: 0.322 -> 0.312 ms). ``nc_dot``: norm
+    correction sums the squared decoded centroids of each key with two more tensor-core dots
+    (a ones matrix times the squared halves) instead of row reductions in registers."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
@@ -617,9 +617,12 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         slot_rows = partial(_slot_rows, bt_ref, b * max_blocks, block_size=block_size, hkv=hkv,
                             head=h, n_blocks=n_blocks)
 
-        def rows_of(j, masked: bool):  # cache rows of key tile j and its lane mask
+        def lanes(j, masked: bool):  # positions of key tile j, in-range lanes, load mask
             pos, ok = tile_index(start + j * bn, bn, stop)
-            pmask = ok if masked else None
+            return pos, ok, (ok if masked else None)
+
+        def rows_of(j, masked: bool):  # cache rows of key tile j and its lane mask
+            pos, ok, pmask = lanes(j, masked)
             return ok, pmask, slot_rows(pos, pmask)
 
         def ahead(j):  # rows and fp16 scalars of key tile j (j may be past the range: masked)
@@ -629,8 +632,7 @@ def _decode_kernel(q_ref, *refs, lay: VllmSlot, nc: bool, rot_q: bool, k_lut, v_
         def step(j, carry, masked: bool):  # online softmax over key tile j
             acc, zacc, m_prev, l_prev, nxt = carry
             if cfg.prefetch:  # this tile's rows came with the previous one
-                _, ok = tile_index(start + j * bn, bn, stop)
-                pmask, rows = (ok if masked else None), nxt[0]
+                (_, ok, pmask), rows = lanes(j, masked), nxt[0]
             else:
                 ok, pmask, rows = rows_of(j, masked)
             codes = _fetch_slot_codes(cache_ref, rows, pmask, lay)
