@@ -96,13 +96,13 @@ def test_compress_kv_one_launch(rng, dim, n):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
-def test_compress_kv_bad_input():
+def test_compress_kv_bad_input(rng):
     rot = tq.haar_rotation(64)
     _, bnd = tq.lloyd_max(64, 4)
     x = jnp.ones((4, 64), jnp.float16)
     with pytest.raises(ValueError, match="value must have key's shape"):
         tq.compress_kv(x, jnp.ones((5, 64), jnp.float16), rot, bnd)
-    v = np.random.default_rng().standard_normal((4, 64)).astype(np.float32)
+    v = rng.standard_normal((4, 64)).astype(np.float32)
     out = tq.compress_kv(x, jnp.asarray(v), rot, bnd, impl="pallas")  # streams keep dtypes
     assert out[0].shape == out[2].shape == (4, 32)
     for (p, nrm), a in ((out[:2], np.asarray(x, np.float32)), (out[2:], v)):
@@ -115,9 +115,8 @@ def test_compress_kv_bad_input():
         tq.compress_kv(x, x, rot, bnd, np.zeros(14, np.float32))
 
 
-def test_edge_rows():
+def test_edge_rows(rng):
     dim, bits = 128, 4
-    rng = np.random.default_rng()
     rot = tq.haar_rotation(dim, seed=5)
     cent, bnd = tq.lloyd_max(dim, bits)
     x = rng.standard_normal((6, dim)).astype(np.float32)
@@ -143,8 +142,7 @@ def test_edge_rows():
         assert np.all(cos > 0.95), cos
 
 
-def test_jit_and_vmap():
-    rng = np.random.default_rng()
+def test_jit_and_vmap(rng):
     dim = 64
     rot = jnp.asarray(tq.haar_rotation(dim))
     cent, bnd = tq.lloyd_max(dim, 4)
