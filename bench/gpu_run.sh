@@ -1,13 +1,62 @@
 #!/usr/bin/env bash
-# One device call: whole test suite on the compiled kernels, then the benchmarks.
-# Usage on the GPU machine, from the repo root: bash bench/gpu_run.sh [bench args...]
+# The GPU jobs in one device call, from the repo root of the GPU machine:
+#   bash bench/gpu_run.sh                       # whole suite once (seed 0), in parallel
+#   SEEDS="0 1 2" bash bench/gpu_run.sh         # whole suite with three base seeds
+#   STAGES="tests fuzz soak memcheck bench" BENCHES="paged generate" bash bench/gpu_run.sh
+# Stages (default "tests"):
+#   tests     python -m pytest over $TESTS (default tests/) once per seed in $SEEDS, spread over
+#             $WORKERS pytest-xdist processes sharing the GPU (JAX without preallocation)
+#   fuzz      tests/test_fuzz.py with TQ4JAX_FUZZ_EXAMPLES=$FUZZ_EXAMPLES (default 200)
+#   soak      bench/soak.py for each layout in $SOAK_LAYOUTS
+#   memcheck  bench/memcheck.py under compute-sanitizer (one allocation per array)
+#   bench     python3 bench/<name>.py for each name in $BENCHES
+# Logs go to $OUT (the device tool's folder that comes back) or /tmp/out.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .vectors ] && export TQ4JAX_VECTORS=$PWD/.vectors  # carried copy of ../shared/vectors
+STAGES=${STAGES:-tests}; SEEDS=${SEEDS:-0}; WORKERS=${WORKERS:-8}
+status=0
+note() { echo "== $* ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x --durations=15 ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -32
-for b in ${BENCHES:-codec}; do
-  timeout ${BENCH_TIMEOUT:-200} python3 bench/$b.py "$@" 2>&1 | tee "$OUT/bench_$b.log"
+for stage in $STAGES; do
+  case $stage in
+    tests)
+      for seed in $SEEDS; do
+        note "tests seed $seed"
+        XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_TEST_SEED=$seed timeout ${TEST_TIMEOUT:-540} \
+          python3 -m pytest -q -p xdist -n "$WORKERS" --durations=10 ${TESTS:-tests} \
+          > "$OUT/tests_seed$seed.log" 2>&1 || status=1
+        tail -15 "$OUT/tests_seed$seed.log"
+      done ;;
+    fuzz)
+      note "fuzz"
+      XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-200} \
+        timeout ${FUZZ_TIMEOUT:-300} python3 -m pytest -q -p xdist -n "$WORKERS" \
+        tests/test_fuzz.py > "$OUT/fuzz.log" 2>&1 || status=1
+      tail -15 "$OUT/fuzz.log" ;;
+    soak)
+      for layout in ${SOAK_LAYOUTS:-tq4 vllm:turboquant_4bit_nc contiguous}; do
+        note "soak $layout"
+        timeout ${SOAK_TIMEOUT:-200} python3 bench/soak.py --layout "$layout" ${SOAK_ARGS:-} \
+          > "$OUT/soak_${layout//:/_}.log" 2>&1 || status=1
+        tail -8 "$OUT/soak_${layout//:/_}.log"
+      done ;;
+    memcheck)
+      note "memcheck"
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-400} \
+        compute-sanitizer --tool memcheck --kernel-name kns=_kernel --error-exitcode 3 \
+        python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1 || status=1
+      tail -40 "$OUT/memcheck.log" ;;
+    bench)
+      for b in ${BENCHES:-codec}; do
+        note "bench $b"
+        timeout ${BENCH_TIMEOUT:-200} python3 bench/$b.py 2>&1 | tee "$OUT/bench_$b.log" \
+          || status=1
+      done ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
 done
+note "done, status $status"
+exit $status

@@ -25,7 +25,7 @@ def test_lloyd_max_reference_values():
     np.testing.assert_allclose(b, 0.5 * (c[:-1] + c[1:]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [0, 9, 2.0, True])
+@pytest.mark.parametrize("bad", [0, 5, 8, 9, 2.0, True])  # 5-8: no op stores them
 def test_lloyd_max_bad_bits(bad):
     with pytest.raises((ValueError, TypeError), match="bits"):
         tq.lloyd_max(128, bad)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import tq4jax as tq
 from helpers import rel_l2
@@ -59,13 +60,38 @@ def test_cache_update_attend_ragged(rng, impl):
     assert int(cache.lengths[0].sum()) == 0  # other layers untouched
 
 
-def test_cache_overflow_is_dropped(rng):
-    cache = tq.TQ4Cache.create(1, 1, 1, 8, 64)
-    cache = cache.update(0, _tokens(rng, 1, 6, 1, 64), _tokens(rng, 1, 6, 1, 64))
-    before = np.asarray(cache.k_codes[0])
-    cache = cache.update(0, _tokens(rng, 1, 5, 1, 64), _tokens(rng, 1, 5, 1, 64))
-    assert int(cache.lengths[0][0]) == 8
-    np.testing.assert_array_equal(np.asarray(cache.k_codes[0])[:, :, :6], before[:, :, :6])
+@pytest.mark.parametrize("kind", ["tq4", "dense"])
+def test_cache_overflow(rng, kind):
+    """Eager (concrete lengths): overflow is a ValueError and nothing is written. Under jit
+    (traced lengths): the documented clamp (excess tokens dropped, length = capacity), or with
+    ``checked=True`` a checkify error."""
+    make = tq.TQ4Cache if kind == "tq4" else tq.DenseCache
+    cache = make.create(1, 2, 1, 8, 64)
+    toks = lambda t: (_tokens(rng, 2, t, 1, 64), _tokens(rng, 2, t, 1, 64))  # noqa: E731
+    cache = cache.update(0, *toks(6), new_lengths=np.array([6, 2], np.int32))
+    with pytest.raises(ValueError, match="cache overflow: row 0 holds 6 tokens, 5 more"):
+        cache.update(0, *toks(5))
+    k, v = toks(5)
+    clamped = jax.jit(lambda c, k, v: c.update(0, k, v))(cache, k, v)
+    np.testing.assert_array_equal(np.asarray(clamped.lengths[0]), [8, 7])
+    first = (lambda c: c.k_codes[0][:, :, :6]) if kind == "tq4" else (lambda c: c.k[0][:, :6])
+    np.testing.assert_array_equal(np.asarray(first(clamped))[:1], np.asarray(first(cache))[:1])
+    step = checkify.checkify(jax.jit(lambda c, k, v: c.update(0, k, v, checked=True)))
+    err, _ = step(cache, k, v)
+    with pytest.raises(Exception, match="cache overflow"):
+        err.throw()
+    err, ok = step(cache, *(x[:, :2] for x in (k, v)))
+    err.throw()  # 6 + 2 and 2 + 2 fit
+    np.testing.assert_array_equal(np.asarray(ok.lengths[0]), [8, 4])
+
+
+def test_generate_refuses_overflow():
+    cfg = llama.LlamaConfig()
+    params = llama.init_params(cfg, 0)
+    cache = llama.make_cache(cfg, 1, 12)
+    with pytest.raises(ValueError, match="cache overflow: prompt length 10 \\+ n_new 3"):
+        llama.generate(params, jnp.zeros((1, 10), jnp.int32), jnp.array([10], jnp.int32), cache,
+                       cfg=cfg, n_new=3)
 
 
 def test_jit_decode_no_recompile_and_in_place(rng):
@@ -130,6 +156,32 @@ def test_bad_input(rng):
         tq.dot_product_attention(k, k, k, cache=cache)
     with pytest.raises(ValueError, match="local_window_size"):
         tq.dot_product_attention(k, k, k, local_window_size=(2, 0))
+
+
+def test_drop_in_bad_input_names_caller_arguments(rng):
+    """Errors name jax.nn.dot_product_attention's arguments, and shapes jax.nn refuses are
+    refused (a length array of the wrong batch used to broadcast into a batch of 2)."""
+    q, k = _tokens(rng, 1, 3, 4, 64), _tokens(rng, 1, 5, 2, 64)
+    cases = [
+        (ValueError, r"query_seq_lengths must have shape \(1,\)",
+         dict(query_seq_lengths=np.array([3, 4], np.int32))),
+        (ValueError, r"key_value_seq_lengths must have shape \(1,\)",
+         dict(key_value_seq_lengths=np.array([3, 4], np.int32))),
+        (TypeError, "key_value_seq_lengths must have an integer dtype",
+         dict(key_value_seq_lengths=np.array([3.0], np.float32))),
+        (ValueError, "bias must broadcast to", dict(bias=jnp.zeros((1, 4, 2, 5)))),
+        (ValueError, "mask must broadcast to", dict(mask=jnp.zeros((2, 1, 3, 5), bool))),
+        (TypeError, "scale must be a float", dict(scale="0.1")),
+    ]
+    for err, msg, kw in cases:
+        with pytest.raises(err, match=msg):
+            tq.dot_product_attention(q, k, k, **kw)
+    with pytest.raises(TypeError, match="query must have dtype"):
+        tq.dot_product_attention(q.astype(jnp.float32).astype(jnp.int32), k, k)
+    with pytest.raises(ValueError, match="value must have key's shape"):
+        tq.dot_product_attention(q, k, k[:, :4])
+    with pytest.raises(ValueError, match=r"query's num_heads \(4\) must be a multiple"):
+        tq.dot_product_attention(q, _tokens(rng, 1, 5, 3, 64), _tokens(rng, 1, 5, 3, 64))
 
 
 def _teacher_forced(params, cfg, seq, lens, cap, **cache_kw):

@@ -3,8 +3,10 @@ naming the argument and what was expected."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,8 +16,23 @@ MIN_DIM = 16
 MAX_DIM = 512
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _forward_only(x: jnp.ndarray, name: str) -> jnp.ndarray:
+    return x
+
+
+@_forward_only.defjvp
+def _no_gradient(name, primals, tangents):
+    raise TypeError(
+        f"tq4jax ops are forward-only (inference): they define no gradient, and argument "
+        f"{name!r} is being differentiated. Wrap it in jax.lax.stop_gradient to differentiate "
+        f"the rest of the program around the op.")
+
+
 def as_array(name: str, x: Any) -> jnp.ndarray:
-    """jnp view of ``x`` (arrays, tracers, numpy); TypeError for anything without a dtype."""
+    """jnp view of ``x`` (arrays, tracers, numpy); TypeError for anything without a dtype.
+    A traced float argument gets an identity whose derivative raises a TypeError: every op
+    is forward-only, on every backend (the kernels have no JVP rule)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         try:
             x = np.asarray(x)
@@ -23,6 +40,8 @@ def as_array(name: str, x: Any) -> jnp.ndarray:
             raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
         if x.dtype == object:
             raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}")
+    if isinstance(x, jax.core.Tracer) and jnp.issubdtype(x.dtype, jnp.inexact):
+        return _forward_only(x, name)
     return jnp.asarray(x) if isinstance(x, np.ndarray) else x
 
 
@@ -58,13 +77,29 @@ def check_rotation(rotation: Any, d: int, name: str = "rotation") -> jnp.ndarray
     return rotation.astype(jnp.float32)
 
 
+def check_sorted(name: str, x: Any) -> None:
+    """A concrete 1-D table (numpy, or a jax array outside tracing) must be finite and
+    strictly increasing (codebooks and boundaries are sorted); traced tables are taken on
+    trust."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    v = np.asarray(x, np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite, got {v.tolist()}")
+    if v.size > 1 and not np.all(np.diff(v) > 0):
+        raise ValueError(f"{name} must be sorted strictly ascending (as tq.lloyd_max returns "
+                         f"it), got {np.round(v, 6).tolist()}")
+
+
 def _check_table(name: str, x: Any, valid: tuple, entries: str) -> jnp.ndarray:
-    """A 1-D float table (boundaries or centroids) with one of the ``valid`` lengths."""
+    """A 1-D float table (boundaries or centroids) with one of the ``valid`` lengths, sorted
+    (:func:`check_sorted`)."""
     x = as_array(name, x)
     check_float(name, x)
     if x.ndim != 1 or x.shape[0] not in valid:
         raise ValueError(f"{name} must be 1-D with {entries} entries {valid} "
                          f"(bits 1..4), got shape {tuple(x.shape)}")
+    check_sorted(name, x)
     return x.astype(jnp.float32)
 
 
@@ -142,3 +177,25 @@ def check_seq_table(seq_lens: Any, block_table: Any, n_seqs: int):
         raise ValueError(f"block_table must have shape [{n_seqs}, max_blocks], got "
                          f"{tuple(block_table.shape)}")
     return seq_lens, block_table
+
+
+def check_row_width(kv_cache: jnp.ndarray, row_bytes: int, total_bytes: Any, what: str) -> int:
+    """A paged cache's row width (last axis) must be exactly ``row_bytes``, the layout's
+    size, unless the caller declares a padded width ``total_bytes`` (>= row_bytes), which
+    must then match. Returns the width."""
+    width = kv_cache.shape[-1]
+    if total_bytes is None:
+        if width != row_bytes:
+            raise ValueError(
+                f"kv_cache rows must be {row_bytes} bytes wide for {what}, got "
+                f"{tuple(kv_cache.shape)}; a wrong num_kv_heads/head_dim reads garbage. For a "
+                f"cache padded on purpose, pass total_bytes={width}")
+        return width
+    if isinstance(total_bytes, bool) or not isinstance(total_bytes, (int, np.integer)) \
+            or total_bytes < row_bytes:
+        raise ValueError(f"total_bytes must be an int >= {row_bytes} (the layout's row for "
+                         f"{what}), got {total_bytes!r}")
+    if width != total_bytes:
+        raise ValueError(f"kv_cache rows must be total_bytes={total_bytes} wide, got "
+                         f"{tuple(kv_cache.shape)}")
+    return width

@@ -13,6 +13,8 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
+from .layout import saturate
+
 #: Scale of the low half in a two-fp16 split (keeps the low half out of fp16 subnormals).
 SPLIT_SCALE = 2048.0
 
@@ -41,8 +43,8 @@ def load_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.
 def store_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.ndarray,
                cmask: jnp.ndarray | None, val: jnp.ndarray) -> None:
     """Store of a [len(rows), len(cols)] tile into ``ref[rows, cols]`` (masks as in
-    :func:`load_tile`)."""
-    plgpu.store(ref.at[rows[:, None], cols[None, :]], val.astype(ref.dtype),
+    :func:`load_tile`); 16-bit float outputs saturate (:func:`layout.saturate`)."""
+    plgpu.store(ref.at[rows[:, None], cols[None, :]], saturate(val, ref.dtype),
                 mask=_mask2(rmask, cmask))
 
 

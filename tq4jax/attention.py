@@ -37,7 +37,7 @@ from ._tiles import (INT8_SCALE_AT, codebook_table, decode_codes, decode_split, 
                      interleave, load_rows, load_tile, split16, static_planes, store_rows,
                      store_tile, tile_index)
 from .codec import dequantize_reference
-from .layout import NORM_BYTES, PagedLayout, pad_codebook
+from .layout import NORM_BYTES, PagedLayout, pad_codebook, saturate
 
 LOG2E = math.log2(math.e)
 MASKED = -jnp.inf
@@ -450,7 +450,7 @@ def finish(outs, shape: tuple, dtype: Any, rot: Rotation | None) -> jnp.ndarray:
     out = out.reshape(shape)
     if rot is not None:
         out = jnp.matmul(out.astype(jnp.float32), rot.pi, precision=lax.Precision.HIGHEST)
-    return out.astype(dtype)
+    return saturate(out, dtype)
 
 
 @partial(jax.jit, static_argnames=("k_lut", "v_lut", "causal", "scale", "cfg", "mode"))
@@ -706,7 +706,7 @@ def _reference_mask(mask, lens, q: jnp.ndarray, sk: int, causal: bool):
 def _reference(q, k, v, scale: float, causal: bool, mask, lens) -> jnp.ndarray:
     """The reference path of the contiguous ops, lengths folded into the mask; q's dtype."""
     mask, causal = _reference_mask(mask, lens, q, k.shape[2], causal)
-    return attention_reference(q, k, v, scale, causal, mask).astype(q.dtype)
+    return saturate(attention_reference(q, k, v, scale, causal, mask), q.dtype)
 
 
 def _empty_or_none(q: jnp.ndarray, sk: int) -> jnp.ndarray | None:

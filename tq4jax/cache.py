@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from .attention import flash_attention_tq4_kv
 from .codebook import haar_rotation, lloyd_max
@@ -86,14 +87,30 @@ def _check_new(name: str, x: Any, b: int, h: int, d: int) -> jnp.ndarray:
     return x
 
 
-def _positions(lengths: jnp.ndarray, t: int, new_lengths: Any, capacity: int):
+def _positions(lengths: jnp.ndarray, t: int, new_lengths: Any, capacity: int,
+               checked: bool = False):
     """Target positions [B, T] of new tokens (``capacity`` = dropped: padding or overflow) and
-    the new lengths [B]."""
+    the new lengths [B]. Overflow (a row's length + its new tokens > ``capacity``) raises a
+    ValueError when the lengths are concrete; traced, the excess tokens are dropped and the
+    length clamps, unless ``checked`` (then a ``checkify`` check, see :meth:`TQ4Cache.update`)."""
     b = lengths.shape[0]
+    if new_lengths is not None:
+        new_lengths = jnp.asarray(new_lengths)
+        if new_lengths.shape != (b,) or not jnp.issubdtype(new_lengths.dtype, jnp.integer):
+            raise ValueError(f"new_lengths must be an integer array of shape ({b},), got "
+                             f"{new_lengths.dtype}{tuple(new_lengths.shape)}")
     n_new = jnp.full((b,), t, jnp.int32) if new_lengths is None else jnp.clip(
-        jnp.asarray(new_lengths, jnp.int32), 0, t)
-    if n_new.shape != (b,):
-        raise ValueError(f"new_lengths must have shape ({b},), got {tuple(n_new.shape)}")
+        new_lengths.astype(jnp.int32), 0, t)
+    total = lengths + n_new
+    if not isinstance(total, jax.core.Tracer):
+        over = np.flatnonzero(np.asarray(total) > capacity)
+        if over.size:
+            r = int(over[0])
+            raise ValueError(f"cache overflow: row {r} holds {int(lengths[r])} tokens, "
+                             f"{int(n_new[r])} more exceed the capacity {capacity}")
+    elif checked:
+        checkify.check(jnp.all(total <= capacity), f"cache overflow: a row's length + new "
+                       f"tokens exceeds the capacity {capacity}")
     pos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     ok = (jnp.arange(t)[None, :] < n_new[:, None]) & (pos < capacity)
     return jnp.where(ok, pos, capacity), jnp.minimum(lengths + n_new, capacity)
@@ -128,7 +145,9 @@ class TQ4Cache:
     @classmethod
     def create(cls, num_layers: int, batch: int, num_kv_heads: int, capacity: int,
                head_dim: int, *, k_bits: int = 4, v_bits: int = 4, seed: int = 42) -> "TQ4Cache":
-        """An empty cache of ``capacity`` tokens per row."""
+        """An empty cache of ``capacity`` tokens per row. ``k_bits``/``v_bits`` (1-4) pick
+        the Lloyd-Max codebooks; codes always take a nibble, so a vector costs D/2 + 4 bytes
+        whatever the bits (fewer bits trade accuracy, not memory)."""
         spec = TQ4Spec(head_dim, k_bits, v_bits, seed)
         codes = (batch, num_kv_heads, capacity, head_dim // 2)
         rep = lambda f: tuple(f() for _ in range(num_layers))  # noqa: E731
@@ -158,13 +177,19 @@ class TQ4Cache:
         return 2 * self.num_layers * b * h * c * self.spec.head_dim * jnp.dtype(dtype).itemsize
 
     def update(self, layer: int, key: Any, value: Any, new_lengths: Any = None, *,
-               impl: str = "auto") -> "TQ4Cache":
-        """Compress and store new tokens (BTNH [B, T, H_KV, D]) after each row's length."""
+               checked: bool = False, impl: str = "auto") -> "TQ4Cache":
+        """Compress and store new tokens (BTNH [B, T, H_KV, D]) after each row's length.
+
+        Overflow (a row's length + new tokens > capacity) is a ValueError when the lengths
+        are concrete (eager use). Under ``jax.jit`` they are traced: the tokens past the
+        capacity are dropped and the length clamps at the capacity, unless ``checked=True``,
+        which adds a ``jax.experimental.checkify`` check (run the step through
+        ``checkify.checkify`` and ``err.throw()``)."""
         layer = _check_layer(layer, self.num_layers)
         b, h, c, _ = self.k_codes[layer].shape
         d = self.spec.head_dim
         key, value = _check_new("key", key, b, h, d), _check_new("value", value, b, h, d)
-        pos, lens = _positions(self.lengths[layer], key.shape[1], new_lengths, c)
+        pos, lens = _positions(self.lengths[layer], key.shape[1], new_lengths, c, checked)
         rot = self.spec.rotation
         kp, kn, vp, vn = compress_kv(key, value, rot, self.spec.codebook("k")[1],
                                      self.spec.codebook("v")[1], impl=impl)
@@ -229,11 +254,13 @@ class DenseCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for f in (self.k, self.v) for x in f)
 
-    def update(self, layer: int, key: Any, value: Any, new_lengths: Any = None) -> "DenseCache":
+    def update(self, layer: int, key: Any, value: Any, new_lengths: Any = None, *,
+               checked: bool = False) -> "DenseCache":
+        """As :meth:`TQ4Cache.update` (same overflow rule), stored in fp16."""
         layer = _check_layer(layer, self.num_layers)
         b, c, h, d = self.k[layer].shape
         key, value = _check_new("key", key, b, h, d), _check_new("value", value, b, h, d)
-        pos, lens = _positions(self.lengths[layer], key.shape[1], new_lengths, c)
+        pos, lens = _positions(self.lengths[layer], key.shape[1], new_lengths, c, checked)
         bi = jnp.arange(b)[:, None]
         put = lambda buf, x: buf.at[bi, pos].set(x.astype(buf.dtype), mode="drop")  # noqa: E731
         return dataclasses.replace(self, k=_replace(self.k, layer, put(self.k[layer], key)),

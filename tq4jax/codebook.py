@@ -34,12 +34,15 @@ def lloyd_max(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd-Max scalar quantizer for one coordinate of a rotated unit vector.
 
     The coordinate is modelled as N(0, 1/dim) truncated to +-3 sigma (turboquant-vllm's solver).
+    ``bits`` in 1..4: every op stores a code in one nibble (D/2 bytes per vector whatever the
+    bits), so fewer bits trade accuracy, not memory.
     Returns ``(centroids float32 [2**bits], boundaries float32 [2**bits - 1])``, sorted;
     boundaries are midpoints of neighbouring centroids, symmetric, the middle one exactly 0.
     """
     dim = _check_dim(dim)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 4:
+        raise ValueError(f"bits must be an int in [1, 4] (codes are stored as 4-bit nibbles), "
+                         f"got {bits!r}")
     n = 1 << int(bits)
     sigma = 1.0 / math.sqrt(dim)
     lo, hi = -TRUNC_SIGMAS * sigma, TRUNC_SIGMAS * sigma

@@ -25,7 +25,8 @@ from . import _checks as ck
 from ._config import KernelMode, kernel_mode, next_pow2, pallas_call, resolve_impl
 from ._tiles import (decode_pair, dot_split, interleave, load_rows, load_tile, split16,
                      split_nibbles, store_rows, store_tile, tile_index)
-from .layout import NORM_EPS, pack_nibbles, pad_codebook, unpack_nibbles
+from .layout import (NORM_EPS, finite_or_nan, pack_nibbles, pad_codebook, saturate,
+                     unpack_nibbles)
 
 
 
@@ -119,6 +120,8 @@ def _compress_kernel(*refs, n_streams: int, block_rows: int, n_bounds: tuple[int
             y_even, y_odd = y_even / denom, y_odd / denom
         code = ((bucketize(y_even, bnd_ref, n_bounds[s]) << 4)
                 | bucketize(y_odd, bnd_ref, n_bounds[s]))
+        norm = finite_or_nan(norm)  # the non-finite rule: NaN norm, codes 0
+        code = jnp.where((norm < jnp.inf)[:, None], code, 0)
         hcols, hmask = tile_index(j * chunk, chunk, d // 2)
         store_tile(packed_ref, rows, rmask, hcols, hmask, code)
 
@@ -161,7 +164,8 @@ def compress_reference(x: jnp.ndarray, rotation: jnp.ndarray,
     u = xf / (norm[..., None] + NORM_EPS)
     y = jnp.matmul(u, rotation.T, precision=lax.Precision.HIGHEST)
     idx = jnp.sum(y[..., None] >= boundaries, axis=-1)
-    return pack_nibbles(idx), norm
+    norm = finite_or_nan(norm)
+    return pack_nibbles(jnp.where((norm < jnp.inf)[..., None], idx, 0)), norm
 
 
 def compress(x: Any, rotation: Any, boundaries: Any, *, impl: str = "auto",
@@ -295,14 +299,14 @@ def decompress_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp
                          dtype: Any = jnp.float16) -> jnp.ndarray:
     """Pure-jnp decompress: ``c[idx] * norm`` in rotated space, cast to ``dtype``."""
     y = pad_codebook(centroids)[unpack_nibbles(packed)] * norms[..., None]
-    return y.astype(dtype)
+    return saturate(y, dtype)
 
 
 def dequantize_reference(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
                          rotation: jnp.ndarray, dtype: Any = jnp.float16) -> jnp.ndarray:
     """Pure-jnp dequantize: ``(c[idx] * norm) @ Pi`` in original space, cast to ``dtype``."""
     y = decompress_reference(packed, norms, centroids, jnp.float32)
-    return jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST).astype(dtype)
+    return saturate(jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST), dtype)
 
 
 def _decode_args(packed, norms, centroids, dtype):

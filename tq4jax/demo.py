@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=4096 if gpu else 1024)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
+                    help="Lloyd-Max codebook bits (default 4); codes are always stored as 4-bit "
+                         "nibbles, so fewer bits lower accuracy, not the cache size")
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gen-tokens", type=int, default=64 if gpu else 16,
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     t1 = time.perf_counter()
     dense = k.nbytes + v.nbytes
     packed = kp.nbytes + kn.nbytes + vp.nbytes + vn.nbytes
-    print(f"bytes: fp16 {dense / 2**20:.1f} MiB -> TQ{a.bits} {packed / 2**20:.1f} MiB "
+    nibble = "" if a.bits == 4 else f" (a {a.bits}-bit codebook still stores 4-bit nibbles)"
+    print(f"bytes: fp16 {dense / 2**20:.1f} MiB -> TQ4 {packed / 2**20:.1f} MiB "
           f"({dense / packed:.2f}x; {bytes_per_token_head(a.head_dim)} B per token per head "
-          f"vs {2 * a.head_dim}); compress incl. compile {t1 - t0:.2f} s")
+          f"vs {2 * a.head_dim}){nibble}; compress incl. compile {t1 - t0:.2f} s")
 
     deq = jax.jit(lambda p, n: codec.dequantize(p, n, centroids, rotation, jnp.float32, impl=impl))
     k_hat, v_hat = deq(kp, kn), deq(vp, vn)

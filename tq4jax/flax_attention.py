@@ -4,7 +4,8 @@
   constructor arguments and parameter tree, plus ``k_bits``/``v_bits``/``seed``). Outside decode
   mode it is the stock module; in decode mode its cache is TQ4-compressed (codes + norms, per-row
   lengths) and attention runs the fused kernel on it. Unlike the stock module a decode call may
-  carry several tokens (a prefill chunk).
+  carry several tokens (a prefill chunk). Cache overflow follows :meth:`TQ4Cache.update`:
+  a ValueError in eager calls; under ``nnx.jit`` the tokens past ``max_length`` are dropped.
 * :func:`swap_attention` / :func:`unswap_attention`: turn every ``nnx.MultiHeadAttention`` of
   a model into a :class:`TQ4MultiHeadAttention` and back, in place (the objects keep their
   parameters; only their class and TQ4 settings change).

@@ -26,6 +26,25 @@ VALID_BOUNDARIES = tuple(n - 1 for n in VALID_CENTROIDS)
 FLOAT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
+def saturate(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """``x`` cast to the float ``dtype`` with values beyond its finite range clamped to
+    +-max (NaN stays NaN): the one overflow rule of every op's 16-bit outputs and stored
+    fields. Other dtypes: a plain cast."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating) \
+            and jnp.finfo(x.dtype).max > jnp.finfo(dtype).max:
+        big = float(jnp.finfo(dtype).max)  # selects, not min/max: Triton's drop NaN
+        x = jnp.where(x > big, big, jnp.where(x < -big, -big, x))
+    return x.astype(dtype)
+
+
+def finite_or_nan(norm: jnp.ndarray) -> jnp.ndarray:
+    """A vector norm, or NaN when it is not finite (an Inf/NaN input coordinate, or a float32
+    sum of squares that overflows): the non-finite rule of every store (``x < inf`` is False
+    for NaN too, and lowers in every backend)."""
+    return jnp.where(norm < jnp.inf, norm, jnp.nan)
+
+
 def bytes_per_token_head(head_dim: int) -> int:
     """Bytes one compressed vector takes: D/2 code bytes + one float32 norm (68 at D=128)."""
     return head_dim // 2 + NORM_BYTES

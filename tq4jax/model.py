@@ -161,7 +161,12 @@ def generate(params: dict[str, jnp.ndarray], prompt: jnp.ndarray, prompt_lengths
     """Greedy generation: prefill the right-padded prompt [B, T0] (valid lengths [B]), then
     ``n_new`` decode steps in a ``lax.scan``. The cache is donated (updated in place).
 
-    Returns (tokens [B, n_new] int32, logits of each step [B, n_new, vocab] f32, cache)."""
+    Raises ValueError when the prompt's padded length + ``n_new`` exceeds the cache capacity
+    (the cache would drop tokens). Returns (tokens [B, n_new] int32, logits of each step
+    [B, n_new, vocab] f32, cache)."""
+    if prompt.shape[1] + n_new > cache.capacity:
+        raise ValueError(f"cache overflow: prompt length {prompt.shape[1]} + n_new {n_new} "
+                         f"exceeds the cache capacity {cache.capacity}")
     logits, cache = forward(params, prompt, cache, cfg, prompt_lengths)
     last = logits[jnp.arange(prompt.shape[0]), jnp.maximum(prompt_lengths - 1, 0)]
 

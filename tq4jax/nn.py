@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from . import _checks as ck
 from .attention import flash_attention_tq4_kv
 from .cache import DenseCache, TQ4Cache, TQ4Spec
 from .codec import compress_kv
@@ -28,6 +31,67 @@ def _additive(bias: Any, mask: Any) -> jnp.ndarray | None:
         m = jnp.where(jnp.asarray(mask, bool), 0.0, -jnp.inf)
         out = m if out is None else out + m
     return out
+
+
+def _check_lengths(name: str, x: Any, b: int) -> jnp.ndarray | None:
+    """``query_seq_lengths`` / ``key_value_seq_lengths``: int [B] or None."""
+    if x is None:
+        return None
+    x = ck.as_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if x.shape != (b,):
+        raise ValueError(f"{name} must have shape ({b},) (one per batch row of query), got "
+                         f"{tuple(x.shape)}")
+    return x.astype(jnp.int32)
+
+
+def _check_broadcast(name: str, x: Any, want: tuple, kind: str) -> jnp.ndarray | None:
+    """``bias`` (float) or ``mask`` (bool, or numbers: nonzero = attend) broadcastable to
+    ``want`` = [B, N, T, S]."""
+    if x is None:
+        return None
+    x = ck.as_array(name, x)
+    if kind == "float":
+        ck.check_float(name, x)
+    if x.ndim > 4 or any(m not in (1, w) for m, w in zip(x.shape[::-1], want[::-1])):
+        raise ValueError(f"{name} must broadcast to [batch, heads, q_len, kv_len] = {want}, got "
+                         f"{tuple(x.shape)}")
+    return x
+
+
+def _check_qkv(query: Any, key: Any, value: Any, with_cache: bool):
+    """BTNH query [B, T, N, H] fp16/bf16; key/value [B, S, K, H] of one shape, N % K == 0."""
+    query = ck.as_array("query", query)
+    ck.check_dtype("query", query, [jnp.float16, jnp.bfloat16])
+    ck.check_ndim("query", query, 4, "[batch, q_len, num_heads, head_dim] (BTNH)")
+    key, value = ck.as_array("key", key), ck.as_array("value", value)
+    b, _, n, d = query.shape
+    for name, x in (("key", key), ("value", value)):
+        ck.check_float(name, x)
+        if x.ndim != 4 or x.shape[0] != b or x.shape[3] != d:
+            raise ValueError(f"{name} must have shape [{b}, kv_len, num_kv_heads, {d}] (BTNH, "
+                             f"matching query {tuple(query.shape)}), got {tuple(x.shape)}")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, got "
+                         f"{tuple(value.shape)}")
+    if n % key.shape[2]:
+        raise ValueError(f"query's num_heads ({n}) must be a multiple of key's num_kv_heads "
+                         f"({key.shape[2]})")
+    if with_cache and key.shape[1] != query.shape[1]:
+        raise ValueError(f"with a cache, key/value are the new tokens: kv_len must equal "
+                         f"query's q_len {query.shape[1]}, got {tuple(key.shape)}")
+    return query, key, value
+
+
+def _check_scale(scale: Any) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("scale must be a Python float (static), not a traced value")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    return float(scale)
 
 
 def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, mask: Any = None,
@@ -49,38 +113,36 @@ def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, ma
       fused kernel; ``is_causal`` is top-left aligned as in jax.nn; ``query_seq_lengths`` zeroes
       padded query rows. Returns ``out`` [B, T, N, H] in query's dtype.
 
-    ``implementation`` is accepted for signature compatibility: None or "tq4jax".
+    ``implementation`` is accepted for signature compatibility: None or "tq4jax". Errors name
+    the arguments as this function takes them.
     """
     if implementation not in (None, "tq4jax"):
         raise ValueError(f"implementation must be None or 'tq4jax', got {implementation!r}")
     if local_window_size is not None:
         raise ValueError("local_window_size is not supported by tq4jax attention")
-    query = jnp.asarray(query)
-    if query.ndim != 4:
-        raise ValueError(f"query must have shape [batch, tokens, heads, head_dim] (BTNH), "
-                         f"got {tuple(query.shape)}")
+    query, key, value = _check_qkv(query, key, value, cache is not None)
+    b, t, n, d = query.shape
+    s = key.shape[1]
+    scale = _check_scale(scale)
+    q_lens = _check_lengths("query_seq_lengths", query_seq_lengths, b)
+    kv_lens = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
+    want = (b, n, t, s)
+    bias = _check_broadcast("bias", bias, want, "float")
+    mask = _check_broadcast("mask", mask, want, "bool")
     if cache is not None:
         if layer is None:
             raise ValueError("layer is required with a cache")
-        for name, x in (("bias", bias), ("mask", mask),
-                        ("key_value_seq_lengths", key_value_seq_lengths)):
+        for name, x in (("bias", bias), ("mask", mask), ("key_value_seq_lengths", kv_lens)):
             if x is not None:
                 raise ValueError(f"{name} is not supported with a cache (it tracks lengths)")
-        cache = cache.update(layer, key, value, query_seq_lengths)
-        out = cache.attend(layer, query, query_seq_lengths, scale=scale, is_causal=is_causal)
+        cache = cache.update(layer, key, value, q_lens)
+        out = cache.attend(layer, query, q_lens, scale=scale, is_causal=is_causal)
         return out.astype(query.dtype), cache
-    key, value = jnp.asarray(key), jnp.asarray(value)
-    b, t, _, d = query.shape
-    if key.ndim != 4 or key.shape[0] != b or key.shape[-1] != d or value.shape != key.shape:
-        raise ValueError(f"key and value must have shape [{b}, S, K, {d}] (BTNH), got "
-                         f"{tuple(key.shape)} and {tuple(value.shape)}")
     spec = TQ4Spec(d) if spec is None else spec
     rot = spec.rotation
     kp, kn, vp, vn = compress_kv(jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), rot,
                                  spec.codebook("k")[1], spec.codebook("v")[1])
-    s = key.shape[1]
-    kv_len = (jnp.full((b,), s, jnp.int32) if key_value_seq_lengths is None
-              else jnp.asarray(key_value_seq_lengths, jnp.int32))
+    kv_len = jnp.full((b,), s, jnp.int32) if kv_lens is None else kv_lens
     am = _additive(bias, mask)
     if am is not None:
         am = am.reshape((1,) * (4 - am.ndim) + am.shape)
@@ -89,8 +151,8 @@ def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, ma
                                  v_centroids=spec.codebook("v")[0], attention_mask=am,
                                  kv_lengths=kv_len, q_offsets=jnp.zeros((b,), jnp.int32))
     out = jnp.swapaxes(out, 1, 2)
-    if query_seq_lengths is not None:
-        keep = jnp.arange(t)[None, :] < jnp.asarray(query_seq_lengths)[:, None]
+    if q_lens is not None:
+        keep = jnp.arange(t)[None, :] < q_lens[:, None]
         out = jnp.where(keep[:, :, None, None], out, 0)
     return out.astype(query.dtype)
 

@@ -32,7 +32,8 @@ from .attention import (LOG2E, Paged, _attn_kernel, _codebook_parts, _rotation_p
                         rotate_in_kernel, rotate_in_xla, whole_spec)
 from .codec import compress_kv, dequantize_reference
 from ._tiles import int8_codebook
-from .layout import CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook, paged_layout
+from .layout import (CODEBOOK_SLOTS, NORM_BYTES, PagedLayout, pad_codebook, paged_layout,
+                     saturate)
 
 #: The kernel's in-cache offsets are int32 (jax without x64): caches must stay below 2 GiB.
 MAX_CACHE_BYTES = 1 << 31
@@ -63,16 +64,15 @@ def _scatter_rows(kv_cache: jnp.ndarray, rows: jnp.ndarray, slot_mapping: jnp.nd
     return flat.reshape(nb, bs, tb)
 
 
-def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries):
+def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries,
+                 total_bytes):
     kv_cache = ck.as_array("kv_cache", kv_cache)
     ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
     ck.check_ndim("kv_cache", kv_cache, 3, "[num_blocks, block_size, total_bytes]")
     key, value, slot_mapping = ck.check_new_tokens(key, value, slot_mapping)
     n, h, d = key.shape
-    lay = paged_layout(h, d)
-    if kv_cache.shape[2] < lay.row_bytes:
-        raise ValueError(f"kv_cache rows must hold at least {lay.row_bytes} bytes for {h} KV "
-                         f"heads x head_dim {d}, got total_bytes {kv_cache.shape[2]}")
+    ck.check_row_width(kv_cache, paged_layout(h, d).row_bytes, total_bytes,
+                       f"{h} KV heads x head_dim {d} (key's shape)")
     rotation = ck.check_rotation(rotation, d)
     k_boundaries = ck.check_boundaries(k_boundaries, "k_boundaries")
     v_boundaries = (k_boundaries if v_boundaries is None
@@ -81,16 +81,19 @@ def _check_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_b
 
 
 def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation: Any,
-                k_boundaries: Any, v_boundaries: Any = None, *, impl: str = "auto") -> jnp.ndarray:
+                k_boundaries: Any, v_boundaries: Any = None, *, total_bytes: int | None = None,
+                impl: str = "auto") -> jnp.ndarray:
     """Compress new tokens and store them in a paged TQ4 cache; returns the updated cache.
 
-    kv_cache [num_blocks, block_size, total_bytes] uint8; key/value [N, H_KV, D] float;
-    slot_mapping [N] int32 (``block * block_size + row``, negative = skip); boundaries from
-    :func:`tq4jax.lloyd_max` (``v_boundaries`` for a different V codebook). Bytes past the
-    layout's ``row_bytes`` are left untouched. Two tokens with the same slot: one of them wins.
+    kv_cache [num_blocks, block_size, row_bytes] uint8 (``tq.paged_layout(H_KV, D)``), or
+    [..., total_bytes] when the caller declares a padded row with ``total_bytes``;
+    key/value [N, H_KV, D] float; slot_mapping [N] int32 (``block * block_size + row``,
+    negative = skip); boundaries from :func:`tq4jax.lloyd_max` (``v_boundaries`` for a
+    different V codebook). Bytes past the layout's ``row_bytes`` are left untouched. Two
+    tokens with the same slot: one of them wins.
     """
     kv_cache, key, value, slots, rotation, kb, vb = _check_write(
-        kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries)
+        kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries, total_bytes)
     if key.shape[0] == 0:
         return kv_cache
     kp, kn, vp, vn = compress_kv(key, value, rotation, kb, vb, impl=impl)
@@ -98,10 +101,10 @@ def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation
 
 
 def paged_write_reference(kv_cache, key, value, slot_mapping, rotation, k_boundaries,
-                          v_boundaries=None):
+                          v_boundaries=None, *, total_bytes=None):
     """:func:`paged_write` through the pure-jnp compress."""
     return paged_write(kv_cache, key, value, slot_mapping, rotation, k_boundaries, v_boundaries,
-                       impl="reference")
+                       total_bytes=total_bytes, impl="reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def _paged_pallas(q, kv_cache, block_table, seq_lens, query_start_loc, k_table, 
         return out
     t = jnp.arange(n)
     inside = (t >= query_start_loc[0]) & (t < query_start_loc[-1])
-    return jnp.where(inside[:, None, None], out, 0).astype(q.dtype)
+    return saturate(jnp.where(inside[:, None, None], out, 0), q.dtype)
 
 
 def _check_codebooks(centroids, v_centroids, rotation, sm_scale, head_dim):
@@ -265,7 +268,7 @@ def _check_cache_size(kv_cache: jnp.ndarray) -> None:
 
 
 def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size,
-                  per_token: bool = False):
+                  total_bytes, per_token: bool = False):
     """Argument checks of paged_decode (q [S, H_Q, D]) and paged_prefill (``per_token``:
     q [N, H_Q, D], S from seq_lens)."""
     q = ck.as_array("q", q)
@@ -281,10 +284,12 @@ def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, bl
     kv_cache = ck.as_array("kv_cache", kv_cache)
     ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
     lay = paged_layout(num_kv_heads, head_dim)
-    if kv_cache.ndim != 3 or kv_cache.shape[1] != block_size or kv_cache.shape[2] < lay.row_bytes:
-        raise ValueError(f"kv_cache must have shape [num_blocks, {block_size}, >= {lay.row_bytes}]"
+    if kv_cache.ndim != 3 or kv_cache.shape[1] != block_size:
+        raise ValueError(f"kv_cache must have shape [num_blocks, {block_size}, {lay.row_bytes}]"
                          f" for block_size {block_size}, {num_kv_heads} KV heads x head_dim "
                          f"{head_dim}, got {tuple(kv_cache.shape)}")
+    ck.check_row_width(kv_cache, lay.row_bytes, total_bytes,
+                       f"num_kv_heads={num_kv_heads} x head_dim={head_dim}")
     seq_lens = ck.as_array("seq_lens", seq_lens)
     ck.check_dtype("seq_lens", seq_lens, [jnp.int32])
     s = seq_lens.shape[0] if per_token and seq_lens.ndim == 1 else q.shape[0]
@@ -295,25 +300,26 @@ def _check_decode(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, bl
 def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroids: Any,
                  rotation: Any, *, num_kv_heads: int, head_dim: int, block_size: int,
                  sm_scale: float | None = None, v_centroids: Any = None,
-                 impl: str = "auto") -> jnp.ndarray:
+                 total_bytes: int | None = None, impl: str = "auto") -> jnp.ndarray:
     """One query per sequence against a paged TQ4 cache.
 
     q [S, H_Q, D] fp16/bf16 (the query of each sequence's last position); kv_cache
-    [num_blocks, block_size, >= H_KV*(D+8)] uint8; block_table [S, max_blocks] int32;
-    seq_lens [S] int32 (0 gives zeros; clipped to max_blocks * block_size). Returns q's shape
-    and dtype.
+    [num_blocks, block_size, H_KV*(D+8)] uint8 (``total_bytes``: a declared padded row
+    width); block_table [S, max_blocks] int32; seq_lens [S] int32 (0 gives zeros; clipped to
+    max_blocks * block_size). Returns q's shape and dtype.
     """
     q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
-                                                       num_kv_heads, head_dim, block_size)
+                                                       num_kv_heads, head_dim, block_size,
+                                                       total_bytes)
     raw_k, raw_v, centroids, v_centroids, rotation, scale = _check_codebooks(
         centroids, v_centroids, rotation, sm_scale, head_dim)
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if resolve_impl(impl) == "reference":
-        return paged_decode_reference(q, kv_cache, block_table, seq_lens, centroids, rotation,
-                                      num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                      block_size=block_size, sm_scale=scale,
-                                      v_centroids=v_centroids).astype(q.dtype)
+        return saturate(paged_decode_reference(
+            q, kv_cache, block_table, seq_lens, centroids, rotation, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, block_size=block_size, sm_scale=scale,
+            v_centroids=v_centroids), q.dtype)
     _check_cache_size(kv_cache)
     k_bits, k_lut = _codebook_parts(centroids, q.dtype, raw_k)
     v_bits, v_lut = _codebook_parts(v_centroids, q.dtype, raw_v)
@@ -370,7 +376,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
                   centroids: Any, rotation: Any, *, num_kv_heads: int, head_dim: int,
                   block_size: int, sm_scale: float | None = None,
                   use_int8_qk: bool | None = None, v_centroids: Any = None,
-                  impl: str = "auto") -> jnp.ndarray:
+                  total_bytes: int | None = None, impl: str = "auto") -> jnp.ndarray:
     """Causal attention of the new tokens of many sequences against a paged TQ4 cache that
     already holds them (write them with :func:`paged_write` first).
 
@@ -379,12 +385,13 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     ``query_start_loc[s]:query_start_loc[s+1]``, its last positions (chunked prefill:
     ``seq_lens[s]`` counts the cached context plus these tokens). ``use_int8_qk``: Q @ K^T on
     int8 tensor cores (q quantized per row, K by its codebook's int8 levels; P @ V stays in
-    q's dtype); None = :data:`INT8_QK_DEFAULT`. Returns q's shape and dtype; tokens outside
-    every sequence give zeros.
+    q's dtype); None = :data:`INT8_QK_DEFAULT`. ``total_bytes``: a declared padded row width
+    (as :func:`paged_decode`). Returns q's shape and dtype; tokens outside every sequence give
+    zeros.
     """
     q, kv_cache, block_table, seq_lens = _check_decode(q, kv_cache, block_table, seq_lens,
                                                        num_kv_heads, head_dim, block_size,
-                                                       per_token=True)
+                                                       total_bytes, per_token=True)
     qsl = ck.as_array("query_start_loc", query_start_loc)
     ck.check_dtype("query_start_loc", qsl, [jnp.int32])
     if qsl.shape != (seq_lens.shape[0] + 1,):
@@ -397,9 +404,9 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
         return jnp.zeros(q.shape, q.dtype)
     kw = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
     if resolve_impl(impl) == "reference":
-        return paged_prefill_reference(q, kv_cache, block_table, seq_lens, qsl, centroids,
-                                       rotation, **kw, sm_scale=scale,
-                                       v_centroids=v_centroids).astype(q.dtype)
+        return saturate(paged_prefill_reference(q, kv_cache, block_table, seq_lens, qsl,
+                                                centroids, rotation, **kw, sm_scale=scale,
+                                                v_centroids=v_centroids), q.dtype)
     _check_cache_size(kv_cache)
     if use_int8_qk:
         k_table, k_lut = _int8_parts(centroids, raw_k)

@@ -44,7 +44,8 @@ from .attention import (LOG2E, M_INIT, _codebook_parts, _columns, _query_halves,
                         _rotation_parts, attention_reference, rotate_in_kernel, rotate_in_xla)
 from .codec import bucketize
 from .layout import (CODEBOOK_SLOTS, FP8_E4M3_MAX, FP16_MAX, VLLM_MIN_SCALE, VLLM_NC_EPS,
-                     VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, pad_codebook, vllm_slot)
+                     VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, pad_codebook, saturate,
+                     vllm_slot)
 
 __all__ = ["turboquant_decode", "turboquant_decode_reference", "turboquant_store",
            "turboquant_store_reference", "full_dequant_kv", "full_dequant_kv_reference",
@@ -147,18 +148,36 @@ def _midpoints(centroids: jnp.ndarray) -> jnp.ndarray:
 def _value_stats(v: jnp.ndarray, bits: int, valid: jnp.ndarray | None = None):
     """float32 rows [..., D] -> (scale, zero): per-row min/max clamped to the fp16 range,
     ``scale = max(1e-8, (max - min) / (2^bits - 1))``, zero = min. ``valid`` masks padded
-    columns."""
-    lo_in = v if valid is None else jnp.where(valid, v, jnp.inf)
-    hi_in = v if valid is None else jnp.where(valid, v, -jnp.inf)
-    vmin = jnp.maximum(jnp.min(lo_in, axis=-1), -FP16_MAX)
-    vmax = jnp.minimum(jnp.max(hi_in, axis=-1), FP16_MAX)
-    return jnp.maximum((vmax - vmin) / float((1 << bits) - 1), VLLM_MIN_SCALE), vmin
+    columns. A row with a non-finite coordinate gets NaN scale and zero (the store rule)."""
+    lo, hi, val = v, v, v
+    if valid is not None:
+        lo, hi, val = (jnp.where(valid, v, fill) for fill in (jnp.inf, -jnp.inf, 0.0))
+    vmin = jnp.maximum(jnp.min(lo, axis=-1), -FP16_MAX)
+    vmax = jnp.minimum(jnp.max(hi, axis=-1), FP16_MAX)
+    finite = jnp.max(jnp.where(jnp.abs(val) < jnp.inf, 0.0, 1.0), axis=-1) == 0
+    scale = jnp.maximum((vmax - vmin) / float((1 << bits) - 1), VLLM_MIN_SCALE)
+    return jnp.where(finite, scale, jnp.nan), jnp.where(finite, vmin, jnp.nan)
 
 
 def _value_codes(v: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray, bits: int):
-    """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32."""
+    """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32 (0 where the scale
+    is NaN: a non-finite row)."""
     code = jnp.floor((v - zero[..., None]) / scale[..., None] + 0.5)
+    code = jnp.where((scale < jnp.inf)[..., None], code, 0.0)
     return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
+
+
+def _key_norm(k: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 rows [..., D] -> (the norm, float32; the norm as stored: saturated at the fp16
+    maximum, NaN for a row with a non-finite coordinate - the store rule)."""
+    norm = jnp.sqrt(jnp.sum(k * k, axis=-1))
+    return norm, jnp.where(norm < jnp.inf, jnp.minimum(norm, FP16_MAX), jnp.nan)
+
+
+def _fp8_key(k: jnp.ndarray) -> jnp.ndarray:
+    """float32 keys -> float8 e4m3 saturated at +-448; non-finite coordinates -> NaN."""
+    k8 = jnp.clip(k, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return jnp.where(jnp.abs(k) < jnp.inf, k8, jnp.nan).astype(jnp.float8_e4m3fn)
 
 
 def _slots_reference(key, value, rotation, centroids, lay: VllmSlot) -> jnp.ndarray:
@@ -167,14 +186,14 @@ def _slots_reference(key, value, rotation, centroids, lay: VllmSlot) -> jnp.ndar
     lead = kf.shape[:-1]
     zeros = lambda n: jnp.zeros((*lead, n), jnp.uint8)  # noqa: E731
     if lay.key_fp8:
-        k8 = jnp.clip(kf, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
-        kpart = [lax.bitcast_convert_type(k8, jnp.uint8)]
+        kpart = [lax.bitcast_convert_type(_fp8_key(kf), jnp.uint8)]
     else:
-        norm = jnp.sqrt(jnp.sum(kf * kf, axis=-1))
+        norm, stored = _key_norm(kf)
         y = jnp.matmul(kf / (norm[..., None] + VLLM_NORM_EPS), rotation.T,
                        precision=lax.Precision.HIGHEST)
         idx = jnp.sum(y[..., None] >= _midpoints(centroids), axis=-1)
-        kpart = [pack_bits(idx, lay.mse_bits), _fp16_bytes(norm)]
+        idx = jnp.where((stored < jnp.inf)[..., None], idx, 0)
+        kpart = [pack_bits(idx, lay.mse_bits), _fp16_bytes(stored)]
     scale, zero = _value_stats(vf, lay.value_bits)
     code = _value_codes(vf, scale, zero, lay.value_bits)
     parts = kpart + [zeros(lay.key_packed_size - lay.key_bytes), pack_bits(code, lay.value_bits),
@@ -410,17 +429,17 @@ def _store_kernel(k_ref, v_ref, rth_ref, rtl_ref, mid_ref, out_ref, *, lay: Vllm
 
     k = load_tile(k_ref, rows, rmask, cols, c_ok).astype(jnp.float32)
     if lay.key_fp8:
-        k8 = jnp.clip(k, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
-        _store_bytes(out_ref, rows, rmask, 0, d, lax.bitcast_convert_type(k8, jnp.uint8))
+        _store_bytes(out_ref, rows, rmask, 0, d, lax.bitcast_convert_type(_fp8_key(k), jnp.uint8))
     else:
-        norm = jnp.sqrt(jnp.sum(k * k, axis=1))
+        norm, stored = _key_norm(k)
+        ok = (stored < jnp.inf)[:, None]
         u_hi, u_lo = split16(k / (norm + VLLM_NORM_EPS)[:, None])
         for sl, _, _, at, per in chunks(lay.mse_bits):
             y = dot_split(u_hi, u_lo, rth_ref[:, sl], rtl_ref[:, sl])
-            idx = bucketize(y, mid_ref, mid_ref.shape[0])
+            idx = jnp.where(ok, bucketize(y, mid_ref, mid_ref.shape[0]), 0)
             _store_bytes(out_ref, rows, rmask, at, min(per, lay.mse_bytes - at),
                          _pack_tile(idx, lay.mse_bits, per))
-        _store_fp16(out_ref, rows, rmask, lay.norm_at, norm)
+        _store_fp16(out_ref, rows, rmask, lay.norm_at, stored)
     _store_bytes(out_ref, rows, rmask, lay.key_bytes, lay.key_packed_size - lay.key_bytes, None)
     v = load_tile(v_ref, rows, rmask, cols, c_ok).astype(jnp.float32)
     scale, zero = _value_stats(v, lay.value_bits, None if c_ok is None else c_ok[None, :])
@@ -467,8 +486,8 @@ def _scatter_slots(kv_cache, slots, slot_mapping):
 def _check_cache(kv_cache, lay: VllmSlot, num_kv_heads: int | None = None):
     kv_cache = ck.as_array("kv_cache", kv_cache)
     ck.check_dtype("kv_cache", kv_cache, [jnp.uint8])
-    want = f"[num_blocks, block_size, {num_kv_heads or 'H_KV'}, >= {lay.slot_bytes}]"
-    if kv_cache.ndim != 4 or kv_cache.shape[3] < lay.slot_bytes or (
+    want = f"[num_blocks, block_size, {num_kv_heads or 'H_KV'}, {lay.slot_bytes}]"
+    if kv_cache.ndim != 4 or kv_cache.shape[3] != lay.slot_bytes or (
             num_kv_heads is not None and kv_cache.shape[2] != num_kv_heads):
         raise ValueError(f"kv_cache must have shape {want} (slot of {lay.slot_bytes} bytes for "
                          f"head_dim {lay.head_dim}), got {tuple(kv_cache.shape)}")
@@ -493,6 +512,7 @@ def _check_centroids(lay: VllmSlot, centroids: Any) -> jnp.ndarray:
     if centroids.shape != (1 << lay.mse_bits,):
         raise ValueError(f"centroids must have shape ({1 << lay.mse_bits},) for mse_bits="
                          f"{lay.mse_bits}, got {tuple(centroids.shape)}")
+    ck.check_sorted("centroids", centroids)
     return centroids.astype(jnp.float32)
 
 
@@ -722,7 +742,7 @@ def _decode_pallas(query, kv_cache, block_table, seq_lens, rotation, k_table, *,
     seq = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
     valid = jnp.arange(splits)[None, :] * _split_len(seq, splits, cfg.block_n)[:, None] \
         < seq[:, None]
-    return merge_lse(o, lse, valid).astype(dt)
+    return saturate(merge_lse(o, lse, valid), dt)
 
 
 def _check_decode(query, kv_cache, block_table, seq_lens, Pi, centroids, scale, mse_bits,
@@ -770,8 +790,8 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
         query, kv_cache, block_table, seq_lens, Pi, centroids, scale, mse_bits,
         key_packed_size, value_quant_bits, key_fp8, norm_correction, max_num_kv_splits)
     if resolve_impl(impl) == "reference":
-        return _decode_reference(query, kv_cache, block_table, seq_lens, rotation, centroids,
-                                 lay, nc, scale).astype(query.dtype)
+        return saturate(_decode_reference(query, kv_cache, block_table, seq_lens, rotation,
+                                          centroids, lay, nc, scale), query.dtype)
     if lay.key_fp8:
         k_table, k_lut = centroids, False
         rotation = jnp.zeros((lay.head_dim, lay.head_dim), jnp.float32)
@@ -836,8 +856,8 @@ def _dequant_kernel(cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table, k_
     cols, c_ok = _columns(lay.head_dim)
     orow = bh * max_seq + pos
     keep = valid[:, None]
-    store_tile(k_ref, orow, ok, cols, c_ok, jnp.where(keep, k, 0.0).astype(jnp.float16))
-    store_tile(v_ref, orow, ok, cols, c_ok, jnp.where(keep, v, 0.0).astype(jnp.float16))
+    store_tile(k_ref, orow, ok, cols, c_ok, jnp.where(keep, k, 0.0))
+    store_tile(v_ref, orow, ok, cols, c_ok, jnp.where(keep, v, 0.0))
 
 
 #: Positions per program and warps of the dequant kernel.
@@ -924,8 +944,8 @@ def full_dequant_kv(kv_cache: Any, block_table: Any, seq_lens: Any, centroids: A
         slots, valid = _gather_slots(kv_cache, block_table, seq_lens, max_seq)
         k, v = _dequant_slots_reference(slots, centroids, lay, nc)
         keep = valid[:, None, :, None]
-        return (jnp.where(keep, k, 0.0).astype(jnp.float16),
-                jnp.where(keep, v, 0.0).astype(jnp.float16))
+        return (saturate(jnp.where(keep, k, 0.0), jnp.float16),
+                saturate(jnp.where(keep, v, 0.0), jnp.float16))
     return _dequant_pallas(kv_cache, block_table, seq_lens, centroids, lay=lay, nc=nc,
                            max_seq=max_seq, mode=kernel_mode())
 
