@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
-from tq4jax import attention as att  # noqa: E402
+from tq4jax.pallas_triton.tuning import Config, choose_config  # noqa: E402
 from _timing import device_line, device_ms, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -125,26 +125,25 @@ def sweep(name, b, sq, sk, causal):
     """Time kernel configurations on one case (dense flash, tq4_kv with a static codebook and
     with a traced one); check each against the default configuration's output."""
     q, k, v, kp, kn, vp, vn, cent, rot = make_data(b, sq, sk)
-    flash = jax.jit(lambda q, k, v, cfg: att._run(
-        q, (k,), (v,), None, None, causal=causal, scale=D ** -0.5, cfg=cfg), static_argnames="cfg")
+    flash = jax.jit(lambda q, k, v, cfg: tq.flash_attention(q, k, v, None, causal, config=cfg),
+                    static_argnames="cfg")
+    cent_np = np.asarray(cent)
 
     def tq4_kv(static):
         def run(q, kp, kn, vp, vn, c, cfg):
-            k_parts, lut = att._codes_parts(kp, kn, c, q.dtype, np.asarray(cent) if static else c)
-            v_parts = (vp, vn, k_parts[2])
-            return att._run(q, k_parts, v_parts, rot, None, k_lut=lut, v_lut=lut,
-                            causal=causal, scale=D ** -0.5, cfg=cfg)
+            return tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent_np if static else c, rot,
+                                             None, causal, config=cfg)
         return jax.jit(run, static_argnames="cfg")
 
     ops = {"tq4_kv static": lambda cfg, f=tq4_kv(True): f(q, kp, kn, vp, vn, cent, cfg=cfg),
            "tq4_kv traced": lambda cfg, f=tq4_kv(False): f(q, kp, kn, vp, vn, cent, cfg=cfg)}
-    default = att.choose_config(b, HKV, HQ // HKV * sq, sk, D, compressed=True)
+    default = choose_config(b, HKV, HQ // HKV * sq, sk, D, compressed=True)
     if sq * HQ // HKV <= 64:
-        grid = [att.Config(default.block_m, bn, w, st, default.splits)
+        grid = [Config(default.block_m, bn, w, st, default.splits)
                 for bn, (w, st) in itertools.product((32, 64, 128), ((4, 2), (4, 3), (8, 2)))]
     else:
         ops["flash"] = lambda cfg: flash(q, k, v, cfg=cfg)  # jitted once per cfg
-        grid = [att.Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
+        grid = [Config(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
                                          (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
                                          (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
                                          (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3))]

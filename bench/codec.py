@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
+from tq4jax.backend import resolve_impl  # noqa: E402
+from tq4jax.codec import CodecConfig  # noqa: E402
 from _timing import copy_bandwidth_gbs, device_line, time_ms  # noqa: E402
 
 
@@ -41,9 +43,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=(1 << 22) if gpu else 1 << 12)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--impl", default="auto")
-    ap.add_argument("--sweep", action="store_true", help="also sweep block_rows / num_warps")
+    ap.add_argument("--sweep", action="store_true", help="also sweep rows per program / warps")
     a = ap.parse_args()
-    impl = tq._config.resolve_impl(a.impl)
+    impl = "pallas" if resolve_impl(a.impl) != "reference" else "reference"
     n, d = a.rows, a.dim
     print(f"# codec bench: {device_line()}, impl={impl}, {n} vectors x D={d}, fp16")
     copy = copy_bandwidth_gbs((1 << 30) if gpu else (1 << 24))
@@ -61,12 +63,13 @@ def main() -> None:
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append((name, ms, gbs, gbs / copy))
 
-    cfgs = [(None, None)]
+    cfgs = [None]
     if a.sweep:
-        cfgs = [(br, nw) for br in (64, 128, 256) for nw in (4, 8)]
-    for br, nw in cfgs:
-        kw = dict(impl=impl, block_rows=br, num_warps=nw) if impl == "pallas" else dict(impl=impl)
-        tag = f"[{impl} br={br or 'auto'} nw={nw or 'auto'}]" if impl == "pallas" else f"[{impl}]"
+        cfgs = [CodecConfig(br, nw) for br in (64, 128, 256) for nw in (4, 8)]
+    for cfg in cfgs:
+        kw = dict(impl=impl, config=cfg)
+        tag = (f"[{impl} {'default' if cfg is None else f'br={cfg[0]} nw={cfg[1]}'}]"
+               if impl == "pallas" else f"[{impl}]")
         run(f"compress {tag}", lambda x: tq.compress(x, rot, bnd, **kw), (x,), b_x + b_p)
         p, nr = jax.jit(lambda x: tq.compress(x, rot, bnd, **kw))(x)
         run(f"decompress fp16 {tag}", lambda p, r: tq.decompress(p, r, cent, **kw), (p, nr),

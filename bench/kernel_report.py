@@ -7,10 +7,10 @@ Triton. The Triton version is the pip one, not the copy inside jaxlib, so number
 to but not exactly what the GPU runs (tq4_kv decode: 220 registers here, 209 in Nsight
 Compute on an H200 with jax 0.11.2). Use it to see spills before spending device time.
 
-    PYTHONPATH=. python3 bench/kernel_report.py [NAME ...] [--cfg BM,BN,WARPS,STAGES] [--rot-out]
+    PYTHONPATH=. python3 bench/kernel_report.py [NAME ...] [--cfg BM,BN,WARPS,STAGES[,SPLITS]]
 
-``--cfg`` replaces the kernel configuration choose_config picks; ``--rot-out`` rotates q in
-XLA instead of in the kernel (as for D > 128).
+``--cfg`` passes that tiling as ``config=`` to the family-A attention ops instead of the
+default the op chooses.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 from jax._src.pallas.triton import lowering as triton_lowering
 
 import tq4jax as tq
-from tq4jax import _config, attention, paged
 from tq4jax import vllm as V
+from tq4jax.pallas_triton.tuning import Config
 from tq4jax.testing import lower_to_triton
 
 HQ, HKV, D = 32, 8, 128
@@ -37,24 +37,26 @@ OPS = ("mma.sync", "wgmma.mma_async", "ld.global", "cp.async.cg", "ld.shared", "
        "ldmatrix", "prmt", "ex2.approx")
 
 
-def _cases() -> dict:
-    """name -> (function, argument ShapeDtypeStructs): the bench shapes (32/8 heads, D=128)."""
+def _cases(cfg: Config | None) -> dict:
+    """name -> (function, argument ShapeDtypeStructs): the bench shapes (32/8 heads, D=128);
+    ``cfg``: the family-A attention tiling (None: the ops' defaults)."""
     s = lambda *shape, dt=jnp.float16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     u8, f32, i32 = jnp.uint8, jnp.float32, jnp.int32
     rot = tq.haar_rotation(D)
     cent = np.asarray(tq.lloyd_max(D, 4)[0])
     codes = lambda b, n: (s(b, HKV, n, D // 2, dt=u8), s(b, HKV, n, dt=f32))  # noqa: E731
     lay = tq.paged_layout(HKV, D)
-    pkw = dict(num_kv_heads=HKV, head_dim=D, block_size=16, impl="pallas")
+    pkw = dict(num_kv_heads=HKV, head_dim=D, block_size=16, config=cfg, impl="pallas")
+    akw = dict(config=cfg, impl="pallas")
     pr = V.preset("turboquant_4bit_nc", D)
     return {
-        "flash_prefill_8k": (lambda q, k, v: tq.flash_attention(q, k, v, None, True, impl="pallas"),
+        "flash_prefill_8k": (lambda q, k, v: tq.flash_attention(q, k, v, None, True, **akw),
                              (s(1, HQ, 8192, D), s(1, HKV, 8192, D), s(1, HKV, 8192, D))),
         "tq4_kv_prefill_8k": (lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(
-            q, kp, kn, vp, vn, cent, rot, None, True, impl="pallas"),
+            q, kp, kn, vp, vn, cent, rot, None, True, **akw),
             (s(1, HQ, 8192, D), *codes(1, 8192), *codes(1, 8192))),
         "tq4_kv_decode_32k": (lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(
-            q, kp, kn, vp, vn, cent, rot, impl="pallas"),
+            q, kp, kn, vp, vn, cent, rot, **akw),
             (s(8, HQ, 1, D), *codes(8, 32768), *codes(8, 32768))),
         "paged_decode_32k": (lambda q, c, t, n: tq.paged_decode(q, c, t, n, cent, rot, **pkw),
                              (s(8, HQ, D), s(8 * 2048, 16, lay.row_bytes, dt=u8),
@@ -75,31 +77,24 @@ def _cases() -> dict:
 
 
 def capture(fn, args) -> list[tuple[str, int, int]]:
-    """(Triton IR text, num_warps, num_stages) of every kernel ``fn`` launches."""
-    irs, params = [], []
-    lower, call = triton_lowering.lower_jaxpr_to_triton_module, _config.pallas_call
+    """(Triton IR text, num_warps, num_stages) of every kernel ``fn`` launches: the IR from
+    JAX's Pallas-to-Triton lowering, the launch parameters from the lowered module."""
+    irs, lower = [], triton_lowering.lower_jaxpr_to_triton_module
 
     def lower_hook(*a, **k):
         out = lower(*a, **k)
         irs.append(out.module.operation.get_asm(enable_debug_info=False))
         return out
 
-    def call_hook(kernel, **k):
-        params.append((k.get("num_warps", 4), k.get("num_stages", 2)))
-        return call(kernel, **k)
-
-    mods = (attention, paged, V)  # each binds _config.pallas_call at import
     triton_lowering.lower_jaxpr_to_triton_module = lower_hook
-    for m in mods:
-        m.pallas_call = call_hook
     try:
-        lower_to_triton(fn, *args)
+        text = lower_to_triton(fn, *args)
     finally:
         triton_lowering.lower_jaxpr_to_triton_module = lower
-        for m in mods:
-            m.pallas_call = call
+    params = [(int(w), int(st)) for st, w in re.findall(
+        r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)]
     if len(irs) != len(params):
-        raise RuntimeError(f"{len(irs)} kernels lowered but {len(params)} pallas_calls seen")
+        raise RuntimeError(f"{len(irs)} kernels lowered but {len(params)} launches found")
     return [(ir, w, st) for ir, (w, st) in zip(irs, params)]
 
 
@@ -127,23 +122,16 @@ def compile_report(ir: str, num_warps: int, num_stages: int) -> dict:
 
 
 def main() -> None:
-    cases = _cases()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("names", nargs="*", help=f"kernels (default: all): {', '.join(sorted(cases))}")
-    ap.add_argument("--cfg", help="BM,BN,WARPS,STAGES instead of choose_config")
-    ap.add_argument("--rot-out", action="store_true", help="rotate q in XLA, not in the kernel")
+    ap.add_argument("names", nargs="*", help="kernels (default: all)")
+    ap.add_argument("--cfg", help="BM,BN,WARPS,STAGES[,SPLITS] passed as config=")
     a = ap.parse_args()
+    cases = _cases(Config(*map(int, a.cfg.split(","))) if a.cfg else None)
     unknown = sorted(set(a.names) - set(cases))
     if unknown:
         ap.error(f"unknown kernel(s) {unknown}; choose from {sorted(cases)}")
-    if a.cfg:
-        cfg = attention.Config(*map(int, a.cfg.split(",")))
-        attention.choose_config = paged.choose_config = lambda *_, **__: cfg
-    if a.rot_out:
-        attention.ROTATE_IN_KERNEL_MAX_D = 0
-        V.ROTATE_IN_KERNEL_MAX_D = 0
     print(f"# kernel report: jax {jax.__version__}, sm_90 via pip triton; cfg "
-          f"{a.cfg or 'default'}{', q rotated in XLA' if a.rot_out else ''}\n")
+          f"{a.cfg or 'default'}\n")
     print("| kernel | warps | stages | regs | spill st/ld B | smem KB | "
           + " | ".join(OPS) + " |")
     print("|---" * (len(OPS) + 6) + "|")

@@ -1,7 +1,8 @@
 """Upstream vLLM TurboQuant layout (family B): decode at B=8, 32/8 heads, D=128, block 16,
 8K and 32K context, for the four presets, beside torch SDPA fp16 on dense K/V (when torch is
 importable) and tq4jax's paged_decode on the turboquant-vllm layout (family A) of the same
-tokens. Also: stage 1 alone (the split merge's cost), the store and full_dequant_kv.
+tokens. Also: the GPU time of a decode (kernels only, from a profiler trace), the store
+and full_dequant_kv.
 
     PYTHONPATH=. python3 bench/vllm_layout.py [--quick] [--sweep [PRESET]]
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
 from tq4jax import vllm as V  # noqa: E402
-from _timing import copy_bandwidth_gbs, device_line, time_ms  # noqa: E402
+from _timing import copy_bandwidth_gbs, device_line, device_ms, time_ms  # noqa: E402
 from paged import sdpa_decode  # noqa: E402
 
 B, HQ, HKV, D, BS = 8, 32, 8, 128, 16
@@ -52,17 +53,7 @@ def store_case(pr: V.TurboQuantPreset, k, v, slots, pi, cent):
     return cache, store_ms
 
 
-def decode_fn(pr, pi, cent, splits=32, cfg=None, stage1_only=False):
-    if stage1_only:
-        lay = tq.layout.vllm_slot(D, pr.mse_bits, pr.value_quant_bits, pr.key_packed_size,
-                                  pr.key_fp8)
-        table, lut = tq.attention._codebook_parts(jnp.asarray(cent), jnp.float16, cent)
-        rot = jnp.asarray(pi)
-        return jax.jit(lambda q, c, t, n: V._decode_pallas(
-            q, c, t, n, rot, table, lay=lay, nc=pr.norm_correction, k_lut=lut,
-            v_lut=V._value_table(jnp.float16)[1], scale=D ** -0.5, splits=splits,
-            cfg=cfg or V.default_config(lay), mode=tq._config.kernel_mode(),
-            stage1_only=True))
+def decode_fn(pr, pi, cent, splits=32, cfg=None):
     return jax.jit(lambda q, c, t, n: V.turboquant_decode(
         q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), max_num_kv_splits=splits,
         config=cfg))
@@ -127,13 +118,13 @@ def main():
             cent, _ = tq.lloyd_max(D, pr.mse_bits)
             cache, store_ms = store_case(pr, k, v, slots, pi, cent)
             ms = time_ms(decode_fn(pr, pi, cent), q, cache, table, lens)
-            s1 = time_ms(decode_fn(pr, pi, cent, stage1_only=True), q, cache, table, lens)
+            s1 = device_ms(decode_fn(pr, pi, cent), q, cache, table, lens)
             deq = jax.jit(lambda c, t, n, pr=pr, cent=cent: V.full_dequant_kv(
                 c, t, n, cent, **pr.dequant_kwargs()))
             deq_ms = time_ms(deq, cache, table, lens, iters=5, reps=3)
             rows.append((name, ctx, pr.slot_bytes, ms, s1, store_ms, deq_ms, base))
             del cache
-    print("\n| preset | context | slot B | decode ms | stage 1 ms | GB/s | of copy | "
+    print("\n| preset | context | slot B | decode ms | GPU ms | GB/s | of copy | "
           "SDPA fp16 ms | SDPA / tq4jax | ceiling | family A ms | store ms | dequant ms |")
     print("|---" * 13 + "|")
     for name, ctx, sb, ms, s1, st, dq, base in rows:

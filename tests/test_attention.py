@@ -7,6 +7,7 @@ import pytest
 
 import tq4jax as tq
 from helpers import rel_l2
+from tq4jax.pallas_triton import tuning
 from tq4jax.testing import lower_to_triton
 
 IMPLS = ["reference", "pallas"]
@@ -163,7 +164,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of heads_kv"):
         tq.flash_attention(q, jnp.ones((1, 3, 5, 64), jnp.float16), jnp.ones((1, 3, 5, 64),
                                                                              jnp.float16))
-    with pytest.raises(ValueError, match="v must have seq_kv 5"):
+    with pytest.raises(ValueError, match="v must have heads_kv and seq_kv"):
         tq.flash_attention(q, k, jnp.ones((1, 2, 6, 64), jnp.float16))
     with pytest.raises(ValueError, match="attention_mask must broadcast"):
         tq.flash_attention(q, k, k, attention_mask=jnp.zeros((4, 5)))
@@ -180,23 +181,27 @@ def test_bad_input():
 
 
 def test_decode_many_splits_with_empty_ones(rng, monkeypatch):
-    """Split-KV decode with 9 splits of which 6 are empty, merged by log-sum-exp."""
-    import tq4jax.attention as att
-    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
-    monkeypatch.setattr(att, "NUM_SMS", 1000)
-    assert att.choose_config(1, 2, 8, 150, 64).splits == 9
+    """Split-KV decode with 9 splits of which 6 are empty, merged by log-sum-exp (the config
+    the split rule picks when there are SMs to fill, passed as ``config=``)."""
+    monkeypatch.setattr(tuning, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(tuning, "NUM_SMS", 1000)
+    dense = tuning.choose_config(1, 2, 8, 150, 64)
+    packed = tuning.choose_config(1, 2, 8, 150, 64, compressed=True)
+    assert dense.splits == 9 and packed.splits > 1
+    monkeypatch.undo()
     q, k, v = _case(rng, 1, 8, 2, 2, 150, 64, jnp.float16)
     rot = tq.haar_rotation(64, seed=int(rng.integers(1 << 30)))
     cent, bnd = tq.lloyd_max(64, 4)
     kp, kn = tq.compress(k, rot, bnd, impl="reference")
     vp, vn = tq.compress(v, rot, bnd, impl="reference")
     k_hat, v_hat = deq(kp, kn, cent, rot), deq(vp, vn, cent, rot)
-    o = tq.flash_attention(q, k, v, None, True, impl="pallas")
+    o = tq.flash_attention(q, k, v, None, True, config=dense, impl="pallas")
     assert rel_l2(o, oracle(q, k, v, 1 / 8, True)) < 1e-2
     mask = jnp.asarray(rng.standard_normal((1, 8, 2, 150)), jnp.float32)
-    o = tq.flash_attention(q, k, v, None, False, mask, impl="pallas")
+    o = tq.flash_attention(q, k, v, None, False, mask, config=dense, impl="pallas")
     assert rel_l2(o, oracle(q, k, v, 1 / 8, False, mask)) < 1e-2
-    o = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, None, True, impl="pallas")
+    o = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, None, True, config=packed,
+                                  impl="pallas")
     assert rel_l2(o, oracle(q, k_hat, v_hat, 1 / 8, True)) < 1e-2
 
 

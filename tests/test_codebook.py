@@ -57,3 +57,11 @@ def test_hadamard_rotation(seed):
 def test_hadamard_rotation_needs_power_of_two():
     with pytest.raises(ValueError, match="power-of-two"):
         tq.hadamard_rotation(96)
+
+
+def test_haar_rotation_needs_an_int_seed():
+    """A None seed would draw another rotation in every process: stored codes could not be
+    read back."""
+    with pytest.raises(TypeError, match="seed must be an int"):
+        tq.haar_rotation(8, None)
+    np.testing.assert_array_equal(tq.haar_rotation(8, 3), tq.haar_rotation(8, np.int64(3)))

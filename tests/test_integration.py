@@ -85,6 +85,23 @@ def test_cache_overflow(rng, kind):
     np.testing.assert_array_equal(np.asarray(ok.lengths[0]), [8, 4])
 
 
+@pytest.mark.parametrize("kind", ["tq4", "dense"])
+def test_reset_rows(rng, kind):
+    """A reset row starts empty (a new sequence in a finished one's row); others keep theirs."""
+    make = tq.TQ4Cache if kind == "tq4" else tq.DenseCache
+    cache = make.create(2, 3, 1, 8, 64)
+    k = _tokens(rng, 3, 5, 1, 64)
+    cache = cache.update(0, k, k).update(1, k, k)
+    for rows in (np.array([1]), np.array([False, True, False])):
+        out = jax.jit(lambda c, r: c.reset(r))(cache, rows)
+        for layer in range(2):
+            np.testing.assert_array_equal(np.asarray(out.lengths[layer]), [5, 0, 5])
+    again = cache.reset(np.array([1])).update(0, k, k, new_lengths=np.array([0, 8, 0], np.int32))
+    np.testing.assert_array_equal(np.asarray(again.lengths[0]), [5, 5, 5])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        cache.reset(np.array([True, False]))
+
+
 def test_generate_refuses_overflow():
     cfg = llama.LlamaConfig()
     params = llama.init_params(cfg, 0)

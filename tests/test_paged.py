@@ -8,6 +8,8 @@ import pytest
 import tq4jax as tq
 from helpers import rel_l2
 from test_attention import deq, oracle
+from tq4jax.pallas_triton import tuning
+from tq4jax.pallas_triton.tuning import Config
 from tq4jax.testing import kernel_jaxpr, lower_to_triton
 
 IMPLS = ["reference", "pallas"]
@@ -173,16 +175,14 @@ def test_write_then_prefill(rng, case):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_prefill_many_splits_and_decode_agree(rng, monkeypatch, int8):
+def test_prefill_many_splits_and_decode_agree(rng, int8):
     """One new token per sequence: prefill == decode (split-KV, some splits empty)."""
-    import tq4jax.attention as att
-    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
-    monkeypatch.setattr(att, "NUM_SMS", 64)
     t = _setup(rng, [150, 3, 64], 4, 2, 64, 16, jnp.float16)
     cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
     qsl = jnp.arange(4, dtype=jnp.int32)
     got = tq.paged_prefill(t["q"], cache, t["table"], t["lens"], qsl, t["cent"], t["rot"],
-                           **t["kw"], use_int8_qk=int8, impl="pallas")
+                           **t["kw"], use_int8_qk=int8, config=Config(16, 64, 4, 3, 6),
+                           impl="pallas")
     want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
                            impl="reference")
     assert rel_l2(got, want) < (2e-2 if int8 else 1e-2)
@@ -246,31 +246,29 @@ def test_decode_prefill_padded_rows(rng, extra):
 
 def test_decode_many_splits(rng, monkeypatch):
     """Long sequences split across programs (some splits empty), merged by log-sum-exp."""
-    import tq4jax.attention as att
-    monkeypatch.setattr(att, "MIN_SPLIT_KEYS", 16)
-    monkeypatch.setattr(att, "NUM_SMS", 64)
     t = _setup(rng, [150, 3, 64], 4, 2, 64, 16, jnp.float16)
     cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
-    assert att.choose_config(3, 2, 2, t["table"].shape[1] * 16, 64, compressed=True).splits > 3
+    monkeypatch.setattr(tuning, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(tuning, "NUM_SMS", 64)
+    cfg = tuning.choose_config(3, 2, 2, t["table"].shape[1] * 16, 64, compressed=True)
+    monkeypatch.undo()
+    assert cfg.splits > 3
     got = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
-                          impl="pallas")
+                          config=cfg, impl="pallas")
     want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
                            impl="reference")
     assert rel_l2(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_decode_many_key_tiles(rng, monkeypatch, splits):
+def test_decode_many_key_tiles(rng, splits):
     """32-key tiles: each program walks several whole tiles and a masked tail, so the norms
     and cache rows prefetched a tile ahead are the ones used (the default 128-key tiles give
     the small test sequences a single tile)."""
-    import tq4jax.attention as att
-    import tq4jax.paged as P
-    monkeypatch.setattr(P, "choose_config", lambda *a, **k: att.Config(16, 32, 4, 3, splits))
     t = _setup(rng, [150, 3, 64, 97], 4, 2, 64, 16, jnp.float16)
     cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
     got = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
-                          impl="pallas")
+                          config=Config(16, 32, 4, 3, splits), impl="pallas")
     want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **t["kw"],
                            impl="reference")
     assert rel_l2(got, want) < 1e-2

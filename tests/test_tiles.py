@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tq4jax as tq
-from tq4jax._tiles import (codebook_bits, lut_asm, lut_planes, lut_program, split_lut_asm,
-                           static_planes)
+from tq4jax.core import codebook_bits, lut_planes, static_planes
+from tq4jax.pallas_triton.lut import lut_asm, lut_program, split_lut_asm
 
 
 def prmt(a, b, c):

@@ -1,28 +1,34 @@
 """tq4jax: TurboQuant 4-bit KV-cache compression and fused attention kernels for JAX.
 
-Every op has a Pallas-Triton kernel and a pure-jnp reference (``impl="auto"|"pallas"|"reference"``).
+Every op checks its arguments and dispatches (``impl="auto"|"pallas"|"triton"|"mosaic"|
+"reference"``, :mod:`tq4jax.backend`) to a Pallas kernel backend (:mod:`tq4jax.pallas_triton`)
+or to the pure-jnp reference (:mod:`tq4jax.reference`); ``<op>_reference`` is the op pinned to
+the reference path. ARCHITECTURE.md describes the layers.
 """
 
-from .attention import (attention_reference, flash_attention, flash_attention_tq4,
-                        flash_attention_tq4_kv)
+from . import vllm
+from .attention import (attention_reference, flash_attention, flash_attention_reference,
+                        flash_attention_tq4, flash_attention_tq4_kv,
+                        flash_attention_tq4_kv_reference, flash_attention_tq4_reference)
+from .cache import DenseCache, TQ4Cache, TQ4Spec
 from .codebook import haar_rotation, hadamard_rotation, lloyd_max
-from .codec import (compress, compress_kv, compress_reference, decompress, decompress_reference,
-                    dequantize, dequantize_reference)
+from .codec import (compress, compress_kv, compress_kv_reference, compress_reference,
+                    decompress, decompress_reference, dequantize, dequantize_reference)
 from .layout import PagedLayout, bytes_per_token_head, paged_layout
+from .nn import dot_product_attention, make_attention_fn
 from .paged import (paged_decode, paged_decode_reference, paged_prefill, paged_prefill_reference,
                     paged_write, paged_write_reference)
-from .cache import DenseCache, TQ4Cache, TQ4Spec
-from .nn import dot_product_attention, make_attention_fn
-from . import vllm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "lloyd_max", "haar_rotation", "hadamard_rotation",
     "compress", "compress_kv", "decompress", "dequantize",
-    "compress_reference", "decompress_reference", "dequantize_reference",
-    "bytes_per_token_head",
-    "flash_attention", "flash_attention_tq4", "flash_attention_tq4_kv", "attention_reference",
+    "compress_reference", "compress_kv_reference", "decompress_reference",
+    "dequantize_reference", "bytes_per_token_head",
+    "flash_attention", "flash_attention_tq4", "flash_attention_tq4_kv",
+    "flash_attention_reference", "flash_attention_tq4_reference",
+    "flash_attention_tq4_kv_reference", "attention_reference",
     "paged_layout", "PagedLayout", "paged_write", "paged_write_reference", "paged_decode",
     "paged_decode_reference", "paged_prefill", "paged_prefill_reference",
     "TQ4Spec", "TQ4Cache", "DenseCache", "dot_product_attention", "make_attention_fn",

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layout import FLOAT_DTYPES, VALID_BOUNDARIES, VALID_CENTROIDS
+from .layout import FLOAT_DTYPES, MAX_CACHE_BYTES, VALID_BOUNDARIES, VALID_CENTROIDS
 
 MIN_DIM = 16
 MAX_DIM = 512
@@ -199,3 +199,19 @@ def check_row_width(kv_cache: jnp.ndarray, row_bytes: int, total_bytes: Any, wha
         raise ValueError(f"kv_cache rows must be total_bytes={total_bytes} wide, got "
                          f"{tuple(kv_cache.shape)}")
     return width
+
+
+def check_cache_size(kv_cache: jnp.ndarray) -> None:
+    """The kernels address a cache with 32-bit offsets: refuse one of 2 GiB or more (split it,
+    e.g. one cache per layer, or use impl='reference')."""
+    if kv_cache.size >= MAX_CACHE_BYTES:
+        raise ValueError(f"kv_cache has {kv_cache.size} bytes: the kernels address the cache "
+                         f"with 32-bit offsets (< {MAX_CACHE_BYTES}); split the cache (e.g. one "
+                         f"per layer) or use impl='reference'")
+
+
+def check_static_bool(name: str, x: Any) -> bool:
+    """A static flag: a Python (or numpy) bool."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a Python bool, got {x!r}")
+    return bool(x)

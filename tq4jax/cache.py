@@ -124,6 +124,19 @@ def _scatter(buf: jnp.ndarray, pos: jnp.ndarray, val: jnp.ndarray) -> jnp.ndarra
     return buf.at[bi, hi, pos[:, :, None]].set(val.astype(buf.dtype), mode="drop")
 
 
+def _reset(lengths: tuple, rows: Any) -> tuple:
+    """Per-layer lengths with ``rows`` (indices or a [B] boolean mask) set to 0."""
+    rows = jnp.asarray(rows)
+    b = lengths[0].shape[0]
+    if rows.dtype == jnp.bool_:
+        if rows.shape != (b,):
+            raise ValueError(f"rows as a mask must have shape ({b},), got {tuple(rows.shape)}")
+        return tuple(jnp.where(rows, 0, x) for x in lengths)
+    if not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise TypeError(f"rows must be integer indices or a boolean mask, got {rows.dtype}")
+    return tuple(x.at[rows].set(0, mode="drop") for x in lengths)
+
+
 def _replace(tup: tuple, i: int, x: Any) -> tuple:
     return tup[:i] + (x,) + tup[i + 1:]
 
@@ -201,6 +214,12 @@ class TQ4Cache:
             v_norms=_replace(self.v_norms, layer, _scatter(self.v_norms[layer], pos, vn)),
             lengths=_replace(self.lengths, layer, lens))
 
+    def reset(self, rows: Any) -> "TQ4Cache":
+        """The cache with batch ``rows`` (int array, or a boolean mask [B]) emptied in every
+        layer (lengths 0; their old codes are never read again): a finished sequence's row
+        handed to a new one."""
+        return dataclasses.replace(self, lengths=_reset(self.lengths, rows))
+
     def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
                scale: float | None = None, is_causal: bool = True,
                impl: str = "auto") -> jnp.ndarray:
@@ -267,8 +286,13 @@ class DenseCache:
                                    v=_replace(self.v, layer, put(self.v[layer], value)),
                                    lengths=_replace(self.lengths, layer, lens))
 
+    def reset(self, rows: Any) -> "DenseCache":
+        """As :meth:`TQ4Cache.reset`."""
+        return dataclasses.replace(self, lengths=_reset(self.lengths, rows))
+
     def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
                scale: float | None = None, is_causal: bool = True) -> jnp.ndarray:
+        """As :meth:`TQ4Cache.attend`, on the dense K/V (``jax.nn.dot_product_attention``)."""
         layer = _check_layer(layer, self.num_layers)
         query = jnp.asarray(query)
         k, v, lens = self.k[layer], self.v[layer], self.lengths[layer]

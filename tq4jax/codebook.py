@@ -68,6 +68,9 @@ def haar_rotation(dim: int, seed: int = 42) -> np.ndarray:
     Uses numpy's PCG64 stream, so it is not torch's seed-42 matrix: interop passes ``Pi`` as data.
     """
     dim = _check_dim(dim)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int (a None seed would give another rotation in every "
+                        f"process, so stored codes could not be read back), got {seed!r}")
     g = np.random.default_rng(seed).standard_normal((dim, dim))
     q, r = np.linalg.qr(g)
     q = q * np.sign(np.diag(r))[None, :]

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import codebook, codec
 from . import model as llama
-from ._config import on_gpu, resolve_impl
+from .backend import on_gpu, resolve_impl
 from .layout import bytes_per_token_head
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
                     help="Lloyd-Max codebook bits (default 4); codes are always stored as 4-bit "
                          "nibbles, so fewer bits lower accuracy, not the cache size")
-    ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
+    ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "triton", "reference"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gen-tokens", type=int, default=64 if gpu else 16,
                     help="tokens to generate in part 2 (0: skip it)")

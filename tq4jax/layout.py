@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 #: ``u = x / (||x|| + NORM_EPS)`` before rotating (turboquant-vllm's epsilon).
 NORM_EPS = 1e-10
@@ -19,6 +20,8 @@ CODE_BITS = 4
 CODEBOOK_SLOTS = 1 << CODE_BITS
 #: Bytes of one stored norm (float32).
 NORM_BYTES = 4
+#: The kernels address caches with 32-bit offsets: a cache must stay below 2 GiB.
+MAX_CACHE_BYTES = 1 << 31
 #: Supported number of centroids (bits 1..4) and their boundary counts.
 VALID_CENTROIDS = (2, 4, 8, 16)
 VALID_BOUNDARIES = tuple(n - 1 for n in VALID_CENTROIDS)
@@ -185,3 +188,70 @@ def vllm_slot(head_dim: int, mse_bits: int, value_quant_bits: int,
     slot = int(key_packed_size) + value_bytes + VLLM_SCALE_ZERO_BYTES
     return VllmSlot(d, mse_bits, vbits, bool(key_fp8), int(key_packed_size), mse_bytes,
                     value_bytes, slot + slot % 2)
+
+
+# Family B store rule and bit streams (pure jnp: kernels and the reference share them).
+
+def pack_bits(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
+    """int codes [..., D] (< 2**bits) -> uint8 [..., D*bits/8], LSB-first: code i occupies
+    stream bits [bits*i, bits*i + bits). D*bits must be a multiple of 8."""
+    c = jnp.asarray(codes).astype(jnp.int32)
+    stream = (c[..., None] >> jnp.arange(bits)) & 1           # [..., D, bits]
+    stream = stream.reshape(*c.shape[:-1], -1, 8)            # [..., bytes, 8]
+    return jnp.sum(stream << jnp.arange(8), axis=-1).astype(jnp.uint8)
+
+
+def unpack_bits(packed: jnp.ndarray, bits: int, d: int) -> jnp.ndarray:
+    """uint8 [..., >= D*bits/8] -> int32 codes [..., D] (inverse of :func:`pack_bits`)."""
+    p = jnp.asarray(packed).astype(jnp.int32)[..., :d * bits // 8]
+    stream = ((p[..., None] >> jnp.arange(8)) & 1).reshape(*p.shape[:-1], d, bits)
+    return jnp.sum(stream << jnp.arange(bits), axis=-1)
+
+
+def fp16_bytes(x: jnp.ndarray) -> jnp.ndarray:
+    """float [...] -> its fp16 bytes uint8 [..., 2], little-endian."""
+    return lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint8)
+
+
+def fp16_from(b: jnp.ndarray) -> jnp.ndarray:
+    """uint8 [..., 2] -> float32 [...]."""
+    return lax.bitcast_convert_type(b, jnp.float16).astype(jnp.float32)
+
+
+def midpoints(centroids: jnp.ndarray) -> jnp.ndarray:
+    return 0.5 * (centroids[:-1] + centroids[1:])
+
+
+def value_stats(v: jnp.ndarray, bits: int, valid: jnp.ndarray | None = None):
+    """float32 rows [..., D] -> (scale, zero): per-row min/max clamped to the fp16 range,
+    ``scale = max(1e-8, (max - min) / (2^bits - 1))``, zero = min. ``valid`` masks padded
+    columns. A row with a non-finite coordinate gets NaN scale and zero (the store rule)."""
+    lo, hi, val = v, v, v
+    if valid is not None:
+        lo, hi, val = (jnp.where(valid, v, fill) for fill in (jnp.inf, -jnp.inf, 0.0))
+    vmin = jnp.maximum(jnp.min(lo, axis=-1), -FP16_MAX)
+    vmax = jnp.minimum(jnp.max(hi, axis=-1), FP16_MAX)
+    finite = jnp.max(jnp.where(jnp.abs(val) < jnp.inf, 0.0, 1.0), axis=-1) == 0
+    scale = jnp.maximum((vmax - vmin) / float((1 << bits) - 1), VLLM_MIN_SCALE)
+    return jnp.where(finite, scale, jnp.nan), jnp.where(finite, vmin, jnp.nan)
+
+
+def value_codes(v: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray, bits: int):
+    """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32 (0 where the scale
+    is NaN: a non-finite row)."""
+    code = jnp.floor((v - zero[..., None]) / scale[..., None] + 0.5)
+    code = jnp.where((scale < jnp.inf)[..., None], code, 0.0)
+    return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
+
+
+def key_norm(k: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 rows [..., D] -> (the norm, float32; the norm as stored: saturated at the fp16
+    maximum, NaN for a row with a non-finite coordinate - the store rule)."""
+    norm = jnp.sqrt(jnp.sum(k * k, axis=-1))
+    return norm, jnp.where(norm < jnp.inf, jnp.minimum(norm, FP16_MAX), jnp.nan)
+
+
+def fp8_key(k: jnp.ndarray) -> jnp.ndarray:
+    """float32 keys -> float8 e4m3 saturated at +-448; non-finite coordinates -> NaN."""
+    k8 = jnp.clip(k, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return jnp.where(jnp.abs(k) < jnp.inf, k8, jnp.nan).astype(jnp.float8_e4m3fn)

@@ -1,10 +1,13 @@
-"""In-kernel helpers shared by the Pallas kernels: masked 2-D tile loads/stores and
-TQ4 nibble decoding. Every tile has power-of-two sides (a Triton requirement); masks cover the
-ragged edges, so nothing reads or writes outside an array."""
+"""In-register codebook lookups for the Triton-lowered kernels (PTX ``prmt`` through
+``elementwise_inline_asm``) and the codebook tables the kernels take.
+
+A static codebook is decoded without memory access: ``prmt`` (byte permute) looks up 4 bytes
+by 4 selector nibbles in an 8-byte table held in two registers. Interpret mode (no PTX)
+gathers from the table instead.
+"""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -13,71 +16,10 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from .layout import saturate
-
-#: Scale of the low half in a two-fp16 split (keeps the low half out of fp16 subnormals).
-SPLIT_SCALE = 2048.0
-
-
-def tile_index(start: Any, size: int, limit: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Indices ``start + arange(size)`` and their in-bounds mask (``< limit``)."""
-    idx = start + jnp.arange(size, dtype=jnp.int32)
-    return idx, idx < limit
-
-
-def _mask2(rmask: jnp.ndarray | None, cmask: jnp.ndarray | None) -> jnp.ndarray | None:
-    if rmask is None:
-        return None if cmask is None else cmask[None, :]
-    return rmask[:, None] if cmask is None else rmask[:, None] & cmask[None, :]
-
-
-def load_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.ndarray,
-              cmask: jnp.ndarray | None, other: float = 0) -> jnp.ndarray:
-    """Gather-load of ``ref[rows, cols]`` as a [len(rows), len(cols)] tile; a ``None`` mask
-    means that axis is known to be in bounds (an unmasked, vectorizable load)."""
-    mask = _mask2(rmask, cmask)
-    ptr = ref.at[rows[:, None], cols[None, :]]
-    return plgpu.load(ptr) if mask is None else plgpu.load(ptr, mask=mask, other=other)
-
-
-def store_tile(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray | None, cols: jnp.ndarray,
-               cmask: jnp.ndarray | None, val: jnp.ndarray) -> None:
-    """Store of a [len(rows), len(cols)] tile into ``ref[rows, cols]`` (masks as in
-    :func:`load_tile`); 16-bit float outputs saturate (:func:`layout.saturate`)."""
-    plgpu.store(ref.at[rows[:, None], cols[None, :]], saturate(val, ref.dtype),
-                mask=_mask2(rmask, cmask))
-
-
-def load_rows(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, other: float = 0) -> jnp.ndarray:
-    """Masked gather-load of a 1-D ``ref[rows]``."""
-    return plgpu.load(ref.at[rows], mask=rmask, other=other)
-
-
-def store_rows(ref: Any, rows: jnp.ndarray, rmask: jnp.ndarray, val: jnp.ndarray) -> None:
-    """Masked store of a 1-D ``val`` into ``ref[rows]``."""
-    plgpu.store(ref.at[rows], val.astype(ref.dtype), mask=rmask)
-
-
-def split_nibbles(packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """uint8 tile -> (even-coordinate codes, odd-coordinate codes) as int32."""
-    p = packed.astype(jnp.int32)
-    return p >> 4, p & 0xF
-
-
-def decode_pair(cent_ref: Any, packed: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """uint8 tile [R, C] -> centroid values (even coords, odd coords), float32 [R, C] each.
-
-    ``cent_ref`` holds the codebook padded to 16 entries, so every nibble is in bounds.
-    """
-    hi, lo = split_nibbles(packed)
-    return cent_ref[hi], cent_ref[lo]
-
-
-def codebook_bits(centroids16: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    """Codebook [16] -> its 16-bit float patterns in ``dtype`` (fp16/bf16) as uint16 [16]:
-    32 bytes, one memory sector, so an in-kernel gather from it is a single-sector load."""
-    return lax.bitcast_convert_type(centroids16.astype(dtype), jnp.uint16)
-
+from ..backend import kernel_mode
+from ..core import MAGIC, codebook_bits, int8_codebook, is_static, lut_planes, static_planes
+from ..layout import CODEBOOK_SLOTS, pad_codebook
+from .tiles import interleave, split_nibbles
 
 # A static codebook is decoded without memory access: PTX ``prmt`` (byte permute) looks up 4
 # bytes by 4 selector nibbles in an 8-byte table held in two registers. The 16 16-bit entries
@@ -164,38 +106,6 @@ _PAIR_SEL_SPLIT = (0x7351, 0x6240)  # lanes (n1, n3), (n0, n2): a byte's high, l
 _PLANE_REGS = tuple(f"${3 + 4 * k}" for k in range(8))  # table arg k, pack 4: $3+4k .. $6+4k
 
 
-def lut_planes(bits16: Any, xp: Any = jnp) -> Any:
-    """uint16 [16] table patterns -> int32 [8]: the low-byte plane (entries 4k..4k+3 in word
-    k, k < 4), then the high-byte plane. ``xp``: jnp (traced tables too) or numpy."""
-    b = xp.asarray(bits16).astype(xp.uint32).reshape(4, 4)
-    shift = (8 * xp.arange(4, dtype=xp.uint32))[None, :]
-    planes = xp.concatenate([xp.sum((b & 0xFF) << shift, axis=1),
-                             xp.sum((b >> 8) << shift, axis=1)]).astype(xp.uint32)
-    return planes.view(xp.int32) if xp is np else lax.bitcast_convert_type(planes, jnp.int32)
-
-
-#: 16-bit patterns of 1.0 and of the magic base B (B + n is exact and its low bits are n).
-_MAGIC = {"float16": (0x3C00, 0x6400), "bfloat16": (0x3F80, 0x4300)}
-
-
-def static_planes(centroids: Any, dtype: Any) -> tuple:
-    """A concrete codebook (up to 16 entries) -> its static table for the unary (immediate)
-    form of :func:`split_lut_asm`, tagged: ("linear", one, -base) when entry n is n itself
-    (vLLM's value levels: decoded by bit tricks); ("symmetric", 4 words: the byte planes of
-    entries 8-15) when the codebook is antisymmetric in ``dtype`` (c[15 - j] == -c[j] bit for
-    bit, as Lloyd-Max codebooks are); else ("general", the 8 :func:`lut_planes` words)."""
-    c = np.zeros(16, np.float32)
-    c[:np.size(centroids)] = np.asarray(centroids, np.float32).ravel()
-    bits = c.astype(dtype).view(np.uint16)
-    planes = tuple(int(w) for w in lut_planes(bits, np))
-    if np.array_equal(c, np.arange(16)) and jnp.dtype(dtype).name in _MAGIC:
-        one, base = _MAGIC[jnp.dtype(dtype).name]
-        return ("linear", one * 0x10001, (base | 0x8000) * 0x10001)
-    if np.array_equal(bits[::-1], bits ^ np.uint16(0x8000)):
-        return ("symmetric",) + planes[2:4] + planes[6:8]
-    return ("general",) + planes
-
-
 def split_lut_asm(odd: bool, low_first: bool = False,
                   planes: tuple[int, ...] | None = None) -> str:
     """PTX of one split-decode instance (pack=4): $2 holds 4 code bytes, $0/$1 get their even
@@ -254,7 +164,7 @@ def _linear_lut_asm(odd: bool, low_first: bool, consts: tuple[int, int]) -> str:
     12 instructions for 8 coordinates."""
     one, neg_base = consts
     base = (neg_base & 0x7FFF) * 0x10001
-    ty = "bf16x2" if one & 0xFFFF == _MAGIC["bfloat16"][0] else "f16x2"
+    ty = "bf16x2" if one & 0xFFFF == MAGIC["bfloat16"][0] else "f16x2"
     shift = odd == low_first  # this half's nibbles are the high ones
     lines = ["{", ".reg .b32 y, z, c1, cb;", "mov.b32 z, 0;", f"mov.b32 c1, {one:#x};",
              f"mov.b32 cb, {neg_base:#x};"]
@@ -266,13 +176,6 @@ def _linear_lut_asm(odd: bool, low_first: bool, consts: tuple[int, int]) -> str:
         lines += ["and.b32 y, y, 0x000F000F;", f"or.b32 y, y, {base:#x};",
                   f"fma.rn.{ty} ${half}, y, c1, cb;"]
     return "\n".join(lines + ["}"])
-
-
-def codebook_table(centroids16: jnp.ndarray, dtype: Any, planes: bool) -> jnp.ndarray:
-    """A codebook's in-kernel table for :func:`decode_split`: :func:`lut_planes` (compiled
-    kernels) or the :func:`codebook_bits` (interpret mode gathers)."""
-    bits = codebook_bits(centroids16, dtype)
-    return lut_planes(bits) if planes else bits
 
 
 def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool | tuple,
@@ -301,52 +204,36 @@ def decode_split(table_ref: Any, packed: jnp.ndarray, dtype: Any, planes: bool |
             lax.bitcast_convert_type(table_ref[second], dtype))
 
 
-#: Entry of an :func:`int8_codebook` table that holds the scale.
-INT8_SCALE_AT = 16
+def codebook_table(centroids16: jnp.ndarray, dtype: Any, planes: bool) -> jnp.ndarray:
+    """A codebook's in-kernel table for :func:`decode_split`: :func:`lut_planes` (compiled
+    kernels) or the :func:`codebook_bits` (interpret mode gathers)."""
+    bits = codebook_bits(centroids16, dtype)
+    return lut_planes(bits) if planes else bits
 
 
-def int8_codebook(centroids16: Any, xp: Any = jnp) -> Any:
-    """Codebook [16] -> float32 [32]: entries 0-15 the integer levels
-    ``round(c * 127 / max|c|)`` (int8 range), entry 16 the scale ``max|c| / 127``. ``xp``:
-    jnp, or numpy for a concrete codebook (static LUT)."""
-    c = xp.asarray(centroids16, xp.float32)
-    amax = xp.max(xp.abs(c))
-    scale = xp.where(amax > 0, amax / xp.float32(127.0), xp.float32(1.0)).astype(xp.float32)
-    levels = xp.round(c / scale)
-    return xp.concatenate([levels, scale[None], xp.zeros(15, xp.float32)]).astype(xp.float32)
+def codebook_parts(centroids: jnp.ndarray, dtype: Any,
+                   raw: Any = None) -> tuple[jnp.ndarray, Any]:
+    """A codebook -> its kernel table (:func:`codebook_table`) and how the kernel decodes
+    (:func:`decode_split`'s ``planes``): in interpret mode False (gathers from the 16-bit
+    patterns); compiled, the static planes when ``raw`` (the caller's codebook) is concrete -
+    a numpy or committed jax array, also when closed over by a jit-ed caller - else True
+    (planes loaded from the table)."""
+    if kernel_mode().interpret:
+        return codebook_table(pad_codebook(centroids), dtype, False), False
+    table = codebook_table(pad_codebook(centroids), dtype, True)
+    if is_static(raw):
+        return table, static_planes(raw, dtype)
+    return table, True
 
 
-def interleave(even: jnp.ndarray, odd: jnp.ndarray) -> jnp.ndarray:
-    """[R, C] even and odd columns -> [R, 2C] (lowers to ``tt.join``)."""
-    r, c = even.shape
-    return jnp.stack([even, odd], axis=-1).reshape(r, 2 * c)
-
-
-def split16(x: jnp.ndarray, dtype: Any = jnp.float16) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """float32 -> (hi, lo) in a 16-bit float ``dtype`` with ``x ~= hi + lo / SPLIT_SCALE``
-    (about 2**-21 relative for fp16, 2**-16 for bf16).
-
-    Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks). ``hi`` is
-    ``x`` with its mantissa truncated to the dtype's bits by bit masking: a float round trip
-    (f32 -> f16 -> f32) would be folded away by XLA's excess-precision rewrite on the GPU.
-    """
-    x = x.astype(jnp.float32)
-    keep = 0xFFFFE000 if jnp.dtype(dtype) == jnp.float16 else 0xFFFF0000
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(keep)
-    hi32 = lax.bitcast_convert_type(bits, jnp.float32)
-    return hi32.astype(dtype), ((x - hi32) * SPLIT_SCALE).astype(dtype)
-
-
-_dot32 = partial(jnp.dot, preferred_element_type=jnp.float32)
-
-
-def dot_split(a_hi: jnp.ndarray, a_lo: jnp.ndarray | None, b_hi: jnp.ndarray,
-              b_lo: jnp.ndarray) -> jnp.ndarray:
-    """float32-accurate ``a @ b`` from 16-bit halves on tensor cores (2 or 3 dots).
-
-    ``a_lo=None`` when ``a`` is exactly fp16 (e.g. fp16 inputs). The lo*lo term is dropped.
-    """
-    small = _dot32(a_hi, b_lo)
-    if a_lo is not None:
-        small = small + _dot32(a_lo, b_hi)
-    return _dot32(a_hi, b_hi) + small * (1.0 / SPLIT_SCALE)
+def int8_parts(centroids: jnp.ndarray, raw: Any) -> tuple[jnp.ndarray, Any]:
+    """An :func:`int8_codebook` table of ``centroids`` and its static LUT (the int8 levels as
+    16-bit patterns, for :func:`decode_codes`) when the codebook is concrete and kernels are
+    compiled, else None (gathers)."""
+    if kernel_mode().interpret or not is_static(raw):
+        return int8_codebook(pad_codebook(centroids)), None
+    c = np.zeros(CODEBOOK_SLOTS, np.float32)
+    c[:np.size(raw)] = np.asarray(raw, np.float32).ravel()
+    table = int8_codebook(c, np)
+    lut = tuple(int(x) for x in table[:CODEBOOK_SLOTS].astype(np.int16).view(np.uint16))
+    return jnp.asarray(table), lut

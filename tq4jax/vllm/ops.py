@@ -1,0 +1,147 @@
+"""vLLM TurboQuant ops (LAYOUTS.md family B): :func:`turboquant_store`,
+:func:`turboquant_decode`, :func:`full_dequant_kv`: checks and backend dispatch.
+
+``kv_cache [num_blocks, block_size, H_KV, slot] uint8``: K and V of one (token, KV head) share
+one slot (:class:`tq4jax.layout.VllmSlot`): LSB-first 3/4-bit Lloyd-Max key codes + fp16 norm
+(or the raw key as float8 e4m3), then 3/4-bit uniform value codes + fp16 scale and zero.
+Keys live in rotated space (``y = k @ Pi^T``); values are not rotated. ``Pi`` and
+``centroids`` must be the ones the cache was written with (vLLM's codebook differs from
+:func:`tq4jax.lloyd_max`'s; pass vLLM's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import pallas_triton as triton
+from ..backend import check_config, kernel_mode, reference_of, resolve_impl
+from ..layout import saturate
+from ..pallas_triton.lut import codebook_parts
+from ..pallas_triton.tuning import (DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
+                                    vllm_decode_config)
+from ..pallas_triton.vllm_tiles import value_table
+from ..reference import vllm as ref
+from ._checks import check_decode, check_dequant, check_store
+
+__all__ = ["turboquant_store", "turboquant_decode", "full_dequant_kv",
+           "turboquant_store_reference", "turboquant_decode_reference",
+           "full_dequant_kv_reference"]
+
+
+def _scatter_slots(kv_cache: jax.Array, slots: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Write slots [N, H, slot_bytes] to cache rows ``slot_mapping`` (negative or out of range:
+    dropped); bytes past slot_bytes are kept."""
+    nb, bs, h, sb = kv_cache.shape
+    flat = kv_cache.reshape(nb * bs, h, sb)
+    idx = jnp.where(slot_mapping < 0, nb * bs, slot_mapping)
+    flat = flat.at[idx, :, :slots.shape[-1]].set(slots, mode="drop")
+    return flat.reshape(nb, bs, h, sb)
+
+
+
+def turboquant_store(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, Pi: Any,
+                     centroids: Any, mse_bits: int, key_packed_size: int,
+                     value_quant_bits: int, key_fp8: bool = False, *,
+                     config: CodecConfig | None = None, impl: str = "auto") -> jax.Array:
+    """Quantize new tokens into a vLLM TurboQuant cache; returns the updated cache.
+
+    Args:
+      kv_cache: [num_blocks, block_size, H_KV, slot] uint8. key, value: [N, H_KV, D] float.
+      slot_mapping: [N] int32 (``block * block_size + offset``; negative = skip).
+      Pi: [D, D] (keys are stored as ``(k / (||k|| + 1e-8)) @ Pi^T``); centroids:
+        [2**mse_bits] sorted. Both ignored with ``key_fp8``.
+      mse_bits, key_packed_size, value_quant_bits, key_fp8: the layout (static; see
+        :func:`tq4jax.vllm.preset`). config: Triton tiling (rows per program, warps).
+    Returns:
+      The cache with whole slots written (padding bytes zero; in place when donated).
+    """
+    kv_cache, key, value, slots, rotation, centroids, lay = check_store(
+        kv_cache, key, value, slot_mapping, Pi, centroids, mse_bits, key_packed_size,
+        value_quant_bits, key_fp8)
+    n, h, d = key.shape
+    path = resolve_impl(impl)
+    config = check_config(config, CodecConfig, path, "turboquant_store") or STORE_TILING
+    if n == 0:
+        return kv_cache
+    if path == "reference":
+        rows = ref.slots(key, value, rotation, centroids, lay)
+    else:
+        rot = jnp.eye(d, dtype=jnp.float32) if rotation is None else rotation
+        rows = triton.vllm.store(key.reshape(n * h, d), value.reshape(n * h, d), rot, centroids,
+                                 lay=lay, config=config, mode=kernel_mode())
+        rows = rows.reshape(n, h, lay.slot_bytes)
+    return _scatter_slots(kv_cache, rows, slots)
+
+
+def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any, Pi: Any,
+                      centroids: Any, scale: float, mse_bits: int, key_packed_size: int,
+                      value_quant_bits: int, key_fp8: bool = False,
+                      norm_correction: bool = False, max_num_kv_splits: int = 32, *,
+                      config: DecodeConfig | None = None, impl: str = "auto") -> jax.Array:
+    """One query per sequence against a vLLM TurboQuant cache.
+
+    Args:
+      query: [B, H_Q, D] fp16/bf16 (raw: rotated inside by ``Pi^T`` unless ``key_fp8``).
+      kv_cache: [num_blocks, block_size, H_KV, slot] uint8; block_table: [B, max_blocks]
+        int32; seq_lens: [B] int32; centroids: [2**mse_bits] float32; scale: the softmax
+        scale (static float).
+      mse_bits ... norm_correction: the layout (static). max_num_kv_splits: the fixed split
+        grid. config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`).
+    Returns:
+      [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
+      are never read; block ids are clamped into the cache; length 0 gives zeros.
+    """
+    raw_centroids = centroids
+    query, kv_cache, block_table, seq_lens, rotation, centroids, lay, nc, scale = check_decode(
+        query, kv_cache, block_table, seq_lens, Pi, centroids, scale, mse_bits,
+        key_packed_size, value_quant_bits, key_fp8, norm_correction, max_num_kv_splits)
+    path = resolve_impl(impl)
+    config = check_config(config, DecodeConfig, path, "turboquant_decode")
+    if path == "reference":
+        return saturate(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
+                                   lay, nc, scale), query.dtype)
+    if lay.key_fp8:
+        k_table, k_lut = centroids, False
+    else:
+        k_table, k_lut = codebook_parts(centroids, query.dtype, raw_centroids)
+    return triton.vllm.decode(query, kv_cache, block_table, seq_lens, rotation, k_table,
+                              lay=lay, nc=nc, k_lut=k_lut, v_lut=value_table(query.dtype)[1],
+                              scale=scale, splits=max_num_kv_splits,
+                              cfg=config or vllm_decode_config(lay), mode=kernel_mode())
+
+
+def full_dequant_kv(kv_cache: Any, block_table: Any, seq_lens: Any, centroids: Any,
+                    mse_bits: int, key_packed_size: int, value_quant_bits: int,
+                    key_fp8: bool = False, norm_correction: bool = False, *,
+                    head_dim: int | None = None, max_seq: int | None = None,
+                    config: CodecConfig | None = None,
+                    impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Dequantize every cached token (continuation prefill).
+
+    Args:
+      kv_cache, block_table, seq_lens, centroids and the layout: as
+        :func:`turboquant_decode`. head_dim: defaults to the one the slot size implies.
+      max_seq: positions to return (static; default the block table's capacity).
+      config: Triton tiling (positions per program, warps).
+    Returns:
+      (k, v) float16 [B, H_KV, max_seq, D]: k in rotated space (raw with ``key_fp8``), v
+      dequantized; positions at or past ``seq_lens`` are zeros.
+    """
+    kv_cache, block_table, seq_lens, centroids, lay, nc, max_seq = check_dequant(
+        kv_cache, block_table, seq_lens, centroids, mse_bits, key_packed_size,
+        value_quant_bits, key_fp8, norm_correction, head_dim, max_seq)
+    path = resolve_impl(impl)
+    config = check_config(config, CodecConfig, path, "full_dequant_kv") or DEQUANT_TILING
+    if path == "reference":
+        k, v = ref.full_dequant(kv_cache, block_table, seq_lens, centroids, lay, nc, max_seq)
+        return saturate(k, jnp.float16), saturate(v, jnp.float16)
+    return triton.vllm.dequant(kv_cache, block_table, seq_lens, centroids, lay=lay, nc=nc,
+                               max_seq=max_seq, config=config, mode=kernel_mode())
+
+
+turboquant_store_reference = reference_of(turboquant_store)
+turboquant_decode_reference = reference_of(turboquant_decode)
+full_dequant_kv_reference = reference_of(full_dequant_kv)
