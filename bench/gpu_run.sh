@@ -26,14 +26,14 @@ for stage in $STAGES; do
       for seed in $SEEDS; do
         note "tests seed $seed"
         XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_TEST_SEED=$seed timeout ${TEST_TIMEOUT:-540} \
-          python3 -m pytest -q -p xdist -n "$WORKERS" --durations=10 ${TESTS:-tests} \
+          python3 -m pytest -q -n "$WORKERS" --durations=10 ${TESTS:-tests} \
           > "$OUT/tests_seed$seed.log" 2>&1 || status=1
         tail -15 "$OUT/tests_seed$seed.log"
       done ;;
     fuzz)
       note "fuzz"
       XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-200} \
-        timeout ${FUZZ_TIMEOUT:-300} python3 -m pytest -q -p xdist -n "$WORKERS" \
+        timeout ${FUZZ_TIMEOUT:-300} python3 -m pytest -q -n "$WORKERS" \
         tests/test_fuzz.py > "$OUT/fuzz.log" 2>&1 || status=1
       tail -15 "$OUT/fuzz.log" ;;
     soak)
@@ -44,10 +44,15 @@ for stage in $STAGES; do
         tail -8 "$OUT/soak_${layout//:/_}.log"
       done ;;
     memcheck)
-      note "memcheck"
+      note "memcheck: a planted out-of-bounds read must be caught"
+      san="compute-sanitizer --tool memcheck --kernel-name kns=_kernel --error-exitcode 3"
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 120 $san python3 bench/memcheck.py --plant \
+        > "$OUT/memcheck_plant.log" 2>&1
+      echo "planted run exit $? (3 = caught)"; grep -m3 -E "Invalid|ERROR SUMMARY" \
+        "$OUT/memcheck_plant.log"
+      note "memcheck: the ops' edge cases"
       XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-400} \
-        compute-sanitizer --tool memcheck --kernel-name kns=_kernel --error-exitcode 3 \
-        python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1 || status=1
+        $san python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1 || status=1
       tail -40 "$OUT/memcheck.log" ;;
     bench)
       for b in ${BENCHES:-codec}; do

@@ -10,7 +10,9 @@ with one device allocation per array so that a read past an array is caught:
         --kernel-name kns=_kernel --error-exitcode 3 python3 bench/memcheck.py
 
 (the filter instruments tq4jax's Pallas kernels only, all named ``*_kernel``; XLA's own kernels
-run uninstrumented). Without the sanitizer it is a quick correctness check of the same cases.
+run uninstrumented). ``memcheck.py --plant`` runs one kernel that reads out of bounds on
+purpose: the same command must report it. Without the sanitizer it is a quick correctness
+check of the same cases.
 """
 
 from __future__ import annotations
@@ -137,7 +139,26 @@ def contiguous(rng, report):
         report(f"flash_attention_tq4_kv sq={sq} kv_lengths", rel_l2(got, want), 2e-2)
 
 
+def planted() -> None:
+    """A Pallas kernel named ``*_kernel`` that reads 64 floats past a 16-float array: under
+    the sanitizer command above it must be reported (proves the filter instruments our
+    kernels)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    def _planted_oob_kernel(x_ref, o_ref):
+        o_ref[...] = plgpu.load(x_ref.at[jnp.arange(64) + 4096])
+
+    out = pl.pallas_call(_planted_oob_kernel, out_shape=jax.ShapeDtypeStruct((64,), jnp.float32),
+                         compiler_params=plgpu.CompilerParams(num_warps=1))(
+        jnp.ones((16,), jnp.float32))
+    print("planted out-of-bounds kernel ran:", float(out.sum()))
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--plant"]:
+        planted()
+        return 0
     rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     print(f"memcheck cases on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"seq_lens {LENS}, block_size {BS}, table capacity {BS * MAX_BLOCKS}")
