@@ -69,6 +69,13 @@ def _cases(cfg: Config | None) -> dict:
             q, c, t, n, l, cent, rot, **pkw, use_int8_qk=True),
             (s(4 * 2048, HQ, D), s(4 * 512, 16, lay.row_bytes, dt=u8), s(4, 512, dt=i32),
              s(4, dt=i32), s(5, dt=i32))),
+        "vllm_4bit_nc_store": (lambda c, k, v, m: V.turboquant_store(
+            c, k, v, m, rot, cent, **pr.store_kwargs(), impl="pallas"),
+            (s(*pr.cache_shape(64, 16, HKV), dt=u8), s(1024, HKV, D), s(1024, HKV, D),
+             s(1024, dt=i32))),
+        "compress_kv": (lambda k, v: tq.compress_kv(k, v, rot, tq.lloyd_max(D, 4)[1],
+                                                    impl="pallas"),
+                        (s(1024, HKV, D), s(1024, HKV, D))),
         "vllm_4bit_nc_decode_32k": (lambda q, c, t, n: V.turboquant_decode(
             q, c, t, n, rot, cent, D ** -0.5, **pr.decode_kwargs(), impl="pallas"),
             (s(8, HQ, D), s(*pr.cache_shape(8 * 2048, 16, HKV), dt=u8), s(8, 2048, dt=i32),

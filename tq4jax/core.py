@@ -94,9 +94,14 @@ def rotation_parts(rotation: jnp.ndarray, dtype: Any) -> Rotation:
 
 
 def rotate_in_xla(q: jnp.ndarray, rotation: jnp.ndarray) -> jnp.ndarray:
-    """``q @ Pi^T`` outside a kernel, float32-accurate, back in q's dtype."""
-    return jnp.matmul(q.astype(jnp.float32), rotation.T,
-                      precision=lax.Precision.HIGHEST).astype(q.dtype)
+    """``q @ Pi^T`` outside a kernel, float32-accurate, back in q's dtype. q's own rounding is
+    pinned first (``reduce_precision``): under jit XLA may otherwise use the float32 values a
+    caller rounded to q's dtype just before (excess precision), unlike an eager call."""
+    qf = q.astype(jnp.float32)
+    if jnp.finfo(q.dtype).bits < 32:
+        info = jnp.finfo(q.dtype)
+        qf = lax.reduce_precision(qf, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return jnp.matmul(qf, rotation.T, precision=lax.Precision.HIGHEST).astype(q.dtype)
 
 
 def post_rotate(out: jnp.ndarray, rotation: jnp.ndarray) -> jnp.ndarray:

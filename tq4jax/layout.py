@@ -41,6 +41,27 @@ def saturate(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     return x.astype(dtype)
 
 
+def where_rows(ok: jnp.ndarray, x: jnp.ndarray, other: Any) -> jnp.ndarray:
+    """``x`` [..., C] where the per-row condition ``ok`` [...] holds, else ``other``. The
+    condition is broadcast over the last axis as a number: Triton cannot move a broadcast
+    boolean tile through shared memory (i1 ``local_alloc``)."""
+    keep = jnp.broadcast_to(jnp.where(ok, 1.0, 0.0)[..., None], x.shape) > 0.5
+    return jnp.where(keep, x, other)
+
+
+def to_dtype(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """:func:`saturate` for XLA-side outputs, with the 16-bit rounding pinned by
+    ``reduce_precision``: under jit XLA may drop an f32 -> f16 -> f32 round trip (excess
+    precision), so without it a jitted caller would see unrounded values an eager one does
+    not (and quantize them differently downstream)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating) \
+            and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits:
+        info = jnp.finfo(dtype)
+        x = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return saturate(x, dtype)
+
+
 def finite_or_nan(norm: jnp.ndarray) -> jnp.ndarray:
     """A vector norm, or NaN when it is not finite (an Inf/NaN input coordinate, or a float32
     sum of squares that overflows): the non-finite rule of every store (``x < inf`` is False
@@ -240,7 +261,7 @@ def value_codes(v: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray, bits: int
     """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32 (0 where the scale
     is NaN: a non-finite row)."""
     code = jnp.floor((v - zero[..., None]) / scale[..., None] + 0.5)
-    code = jnp.where((scale < jnp.inf)[..., None], code, 0.0)
+    code = where_rows(scale < jnp.inf, code, 0.0)
     return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
 
 

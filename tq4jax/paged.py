@@ -22,7 +22,7 @@ from . import pallas_triton as triton
 from .backend import check_config, kernel_mode, reference_of, resolve_impl
 from .codec import compress_kv
 from .core import default_scale, rotation_parts
-from .layout import PagedLayout, paged_layout, saturate
+from .layout import PagedLayout, paged_layout, to_dtype
 from .pallas_triton.attention import Paged
 from .pallas_triton.lut import codebook_parts, int8_parts
 from .pallas_triton.paged import rows_per_kv_head
@@ -151,7 +151,7 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
-        return saturate(ref.paged_decode(q, kv_cache, block_table, seq_lens, cent, v_cent,
+        return to_dtype(ref.paged_decode(q, kv_cache, block_table, seq_lens, cent, v_cent,
                                          rotation, num_kv_heads, head_dim, scale), q.dtype)
     ck.check_cache_size(kv_cache)
     k_table, k_lut = codebook_parts(cent, q.dtype, raw[0])
@@ -203,7 +203,7 @@ def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
-        return saturate(ref.paged_prefill(q, kv_cache, block_table, seq_lens, qsl, cent,
+        return to_dtype(ref.paged_prefill(q, kv_cache, block_table, seq_lens, qsl, cent,
                                           v_cent, rotation, num_kv_heads, head_dim, scale),
                         q.dtype)
     ck.check_cache_size(kv_cache)

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 
 from ..backend import KernelMode
 from ..core import INT8_SCALE_AT, LOG2E, Rotation, merge_splits, post_rotate, split16
-from ..layout import NORM_BYTES, PagedLayout, saturate
+from ..layout import NORM_BYTES, PagedLayout, to_dtype
 from .call import head_spec, pallas_call, whole_spec
 from .lut import decode_codes, decode_split
 from .tiles import (M_INIT, cache_rows, columns, dot32, dot_split, interleave, key_loop,
@@ -319,7 +319,7 @@ def finish(outs: tuple, shape: tuple, dtype: Any, split_axis: int,
     out = out.reshape(shape)
     if rotation is not None:
         out = post_rotate(out, rotation)
-    return saturate(out, dtype)
+    return to_dtype(out, dtype)
 
 
 @partial(jax.jit, static_argnames=("spec", "mode"))

@@ -112,4 +112,4 @@ def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndar
         return out
     t = jnp.arange(n)
     inside = (t >= query_start_loc[0]) & (t < query_start_loc[-1])
-    return jnp.where(inside[:, None, None], out, 0).astype(q.dtype)
+    return jnp.where(inside[:, None, None], out, 0)  # finish() rounded to q's dtype

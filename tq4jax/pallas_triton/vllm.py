@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from ..backend import KernelMode
 from ..core import LOG2E, merge_splits, next_pow2, rotate_in_xla, rotation_parts, split16
 from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot,
-                      fp8_key, key_norm, midpoints, pad_codebook, saturate, value_codes,
-                      value_stats)
+                      fp8_key, key_norm, midpoints, pad_codebook, to_dtype, value_codes,
+                      value_stats, where_rows)
 from .attention import query_halves
 from .call import pallas_call
 from .tiles import (M_INIT, bucketize, columns, dot32, dot_split, interleave, key_loop,
@@ -88,11 +88,11 @@ def _store_kernel(k_ref, v_ref, rth_ref, rtl_ref, mid_ref, out_ref, *, lay: Vllm
         _store_bytes(out_ref, rows, rmask, 0, d, lax.bitcast_convert_type(fp8_key(k), jnp.uint8))
     else:
         norm, stored = key_norm(k)
-        ok = (stored < jnp.inf)[:, None]
+        ok = stored < jnp.inf
         u_hi, u_lo = split16(k / (norm + VLLM_NORM_EPS)[:, None])
         for sl, _, _, at, per in chunks(lay.mse_bits):
             y = dot_split(u_hi, u_lo, rth_ref[:, sl], rtl_ref[:, sl])
-            idx = jnp.where(ok, bucketize(y, mid_ref, mid_ref.shape[0]), 0)
+            idx = where_rows(ok, bucketize(y, mid_ref, mid_ref.shape[0]), 0)
             _store_bytes(out_ref, rows, rmask, at, min(per, lay.mse_bytes - at),
                          _pack_tile(idx, lay.mse_bits, per))
         _store_fp16(out_ref, rows, rmask, lay.norm_at, stored)
@@ -273,7 +273,7 @@ def decode(query: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
     seq = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
     written = jnp.arange(splits)[None, :] * split_len(seq, splits, cfg.block_n)[:, None] \
         < seq[:, None]  # empty splits never wrote their rows
-    return saturate(merge_splits(o, lse, 2, written[:, None, :]), dt)
+    return to_dtype(merge_splits(o, lse, 2, written[:, None, :]), dt)
 
 
 def _dequant_kernel(cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref, *,

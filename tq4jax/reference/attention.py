@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ..layout import NORM_BYTES, paged_layout, saturate
+from ..layout import NORM_BYTES, paged_layout, to_dtype
 from .codec import dequantize
 
 
@@ -50,7 +50,7 @@ def contiguous(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, cau
         extra = jnp.where(visible, 0.0, -jnp.inf)
         mask = extra if mask is None else mask.astype(jnp.float32) + extra
         causal = False
-    return saturate(attention(q, k, v, scale, causal, mask), q.dtype)
+    return to_dtype(attention(q, k, v, scale, causal, mask), q.dtype)
 
 
 def gather_paged(kv_cache: jnp.ndarray, block_table: jnp.ndarray, seq_lens: jnp.ndarray,

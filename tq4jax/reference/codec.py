@@ -9,7 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from ..layout import NORM_EPS, finite_or_nan, pack_nibbles, pad_codebook, saturate, unpack_nibbles
+from ..layout import (NORM_EPS, finite_or_nan, pack_nibbles, pad_codebook, to_dtype,
+                      unpack_nibbles)
 
 
 def compress(x: jnp.ndarray, rotation: jnp.ndarray,
@@ -29,11 +30,11 @@ def decompress(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
                dtype: Any = jnp.float16) -> jnp.ndarray:
     """``c[idx] * norm`` [..., D] in rotated space, in ``dtype`` (16-bit: saturated)."""
     y = pad_codebook(centroids)[unpack_nibbles(packed)] * norms[..., None]
-    return saturate(y, dtype)
+    return to_dtype(y, dtype)
 
 
 def dequantize(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,
                rotation: jnp.ndarray, dtype: Any = jnp.float16) -> jnp.ndarray:
     """``(c[idx] * norm) @ Pi`` [..., D] in original space, in ``dtype``."""
     y = decompress(packed, norms, centroids, jnp.float32)
-    return saturate(jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST), dtype)
+    return to_dtype(jnp.matmul(y, rotation, precision=lax.Precision.HIGHEST), dtype)

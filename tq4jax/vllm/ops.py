@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from .. import pallas_triton as triton
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
-from ..layout import saturate
+from ..layout import to_dtype
 from ..pallas_triton.lut import codebook_parts
 from ..pallas_triton.tuning import (DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
                                     vllm_decode_config)
@@ -101,7 +101,7 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
     path = resolve_impl(impl)
     config = check_config(config, DecodeConfig, path, "turboquant_decode")
     if path == "reference":
-        return saturate(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
+        return to_dtype(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
                                    lay, nc, scale), query.dtype)
     if lay.key_fp8:
         k_table, k_lut = centroids, False
@@ -137,7 +137,7 @@ def full_dequant_kv(kv_cache: Any, block_table: Any, seq_lens: Any, centroids: A
     config = check_config(config, CodecConfig, path, "full_dequant_kv") or DEQUANT_TILING
     if path == "reference":
         k, v = ref.full_dequant(kv_cache, block_table, seq_lens, centroids, lay, nc, max_seq)
-        return saturate(k, jnp.float16), saturate(v, jnp.float16)
+        return to_dtype(k, jnp.float16), to_dtype(v, jnp.float16)
     return triton.vllm.dequant(kv_cache, block_table, seq_lens, centroids, lay=lay, nc=nc,
                                max_seq=max_seq, config=config, mode=kernel_mode())
 
