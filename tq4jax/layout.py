@@ -41,12 +41,11 @@ def saturate(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     return x.astype(dtype)
 
 
-def where_rows(ok: jnp.ndarray, x: jnp.ndarray, other: Any) -> jnp.ndarray:
-    """``x`` [..., C] where the per-row condition ``ok`` [...] holds, else ``other``. The
-    condition is broadcast over the last axis as a number: Triton cannot move a broadcast
-    boolean tile through shared memory (i1 ``local_alloc``)."""
-    keep = jnp.broadcast_to(jnp.where(ok, 1.0, 0.0)[..., None], x.shape) > 0.5
-    return jnp.where(keep, x, other)
+def zero_rows(ok: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """Integer ``x`` [..., C] with the rows where ``ok`` [...] is False set to 0, by an integer
+    product: Triton cannot move a broadcast boolean tile through shared memory (an i1
+    ``local_alloc`` fails to compile), and an integer factor has no NaN to propagate."""
+    return x * ok.astype(x.dtype)[..., None]
 
 
 def to_dtype(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
@@ -261,8 +260,8 @@ def value_codes(v: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray, bits: int
     """``clamp(floor((v - zero) / scale + 0.5), 0, 2^bits - 1)`` as int32 (0 where the scale
     is NaN: a non-finite row)."""
     code = jnp.floor((v - zero[..., None]) / scale[..., None] + 0.5)
-    code = where_rows(scale < jnp.inf, code, 0.0)
-    return jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
+    code = jnp.clip(code, 0, (1 << bits) - 1).astype(jnp.int32)
+    return zero_rows(scale < jnp.inf, code)
 
 
 def key_norm(k: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 
 from ..backend import KernelMode
 from ..core import next_pow2, split16
-from ..layout import NORM_EPS, finite_or_nan, pad_codebook, where_rows
+from ..layout import NORM_EPS, finite_or_nan, pad_codebook, zero_rows
 from .call import pallas_call
 from .tiles import (bucketize, decode_pair, dot_split, interleave, load_rows, load_tile,
                     split_nibbles, store_rows, store_tile, tile_index)
@@ -85,7 +85,7 @@ def _compress_kernel(*refs, n_streams: int, block_rows: int, n_bounds: tuple[int
         code = ((bucketize(y_even, bnd_ref, n_bounds[s]) << 4)
                 | bucketize(y_odd, bnd_ref, n_bounds[s]))
         norm = finite_or_nan(norm)  # the non-finite rule: NaN norm, codes 0
-        code = where_rows(norm < jnp.inf, code, 0)
+        code = zero_rows(norm < jnp.inf, code)
         hcols, hmask = tile_index(j * chunk, chunk, d // 2)
         store_tile(packed_ref, rows, rmask, hcols, hmask, code)
 

@@ -25,7 +25,7 @@ from ..backend import KernelMode
 from ..core import LOG2E, merge_splits, next_pow2, rotate_in_xla, rotation_parts, split16
 from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot,
                       fp8_key, key_norm, midpoints, pad_codebook, to_dtype, value_codes,
-                      value_stats, where_rows)
+                      value_stats, zero_rows)
 from .attention import query_halves
 from .call import pallas_call
 from .tiles import (M_INIT, bucketize, columns, dot32, dot_split, interleave, key_loop,
@@ -92,7 +92,7 @@ def _store_kernel(k_ref, v_ref, rth_ref, rtl_ref, mid_ref, out_ref, *, lay: Vllm
         u_hi, u_lo = split16(k / (norm + VLLM_NORM_EPS)[:, None])
         for sl, _, _, at, per in chunks(lay.mse_bits):
             y = dot_split(u_hi, u_lo, rth_ref[:, sl], rtl_ref[:, sl])
-            idx = where_rows(ok, bucketize(y, mid_ref, mid_ref.shape[0]), 0)
+            idx = zero_rows(ok, bucketize(y, mid_ref, mid_ref.shape[0]))
             _store_bytes(out_ref, rows, rmask, at, min(per, lay.mse_bytes - at),
                          _pack_tile(idx, lay.mse_bits, per))
         _store_fp16(out_ref, rows, rmask, lay.norm_at, stored)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..layout import (NORM_EPS, finite_or_nan, pack_nibbles, pad_codebook, to_dtype,
-                      unpack_nibbles)
+                      unpack_nibbles, zero_rows)
 
 
 def compress(x: jnp.ndarray, rotation: jnp.ndarray,
@@ -23,7 +23,7 @@ def compress(x: jnp.ndarray, rotation: jnp.ndarray,
     y = jnp.matmul(u, rotation.T, precision=lax.Precision.HIGHEST)
     idx = jnp.sum(y[..., None] >= boundaries, axis=-1)
     norm = finite_or_nan(norm)
-    return pack_nibbles(jnp.where((norm < jnp.inf)[..., None], idx, 0)), norm
+    return pack_nibbles(zero_rows(norm < jnp.inf, idx)), norm
 
 
 def decompress(packed: jnp.ndarray, norms: jnp.ndarray, centroids: jnp.ndarray,

@@ -8,7 +8,7 @@ from jax import lax
 
 from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, fp8_key,
                       fp16_bytes, fp16_from, key_norm, midpoints, pack_bits, pad_codebook,
-                      unpack_bits, value_codes, value_stats)
+                      unpack_bits, value_codes, value_stats, zero_rows)
 from .attention import attention
 
 
@@ -26,7 +26,7 @@ def slots(key: jnp.ndarray, value: jnp.ndarray, rotation: jnp.ndarray | None,
         y = jnp.matmul(kf / (norm[..., None] + VLLM_NORM_EPS), rotation.T,
                        precision=lax.Precision.HIGHEST)
         idx = jnp.sum(y[..., None] >= midpoints(centroids), axis=-1)
-        idx = jnp.where((stored < jnp.inf)[..., None], idx, 0)
+        idx = zero_rows(stored < jnp.inf, idx)
         kpart = [pack_bits(idx, lay.mse_bits), fp16_bytes(stored)]
     scale, zero = value_stats(vf, lay.value_bits)
     code = value_codes(vf, scale, zero, lay.value_bits)

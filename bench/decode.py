@@ -1,0 +1,105 @@
+"""Decode kernels, one table: contiguous ``flash_attention_tq4_kv``, ``paged_decode`` (family A)
+and ``tq.vllm.turboquant_decode`` (4bit_nc) per backend, beside torch SDPA fp16 on dense K/V
+(CUDA-graph replays, when torch is importable); 32/8 heads, D=128, block 16.
+
+GPU time per call comes from a profiler trace (``_timing.device_ms``: kernels only), wall time
+from enqueued jit calls (host dispatch included). GB/s counts the compressed bytes read once.
+
+    PYTHONPATH=. python3 bench/decode.py [--batch 1 8] [--ctx 32768] [--impl triton mosaic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tq4jax as tq  # noqa: E402
+from _timing import device_line, device_ms, time_ms  # noqa: E402
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def sdpa_ms(b: int, ctx: int) -> float:
+    """torch SDPA fp16 decode on dense K/V of the same shape (NaN without torch/CUDA)."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from attention import torch_ms
+    except ImportError:
+        return float("nan")
+    q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda") for _ in range(2))
+    return torch_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def cases(b: int, ctx: int):
+    """name -> (function of impl, args, compressed bytes read)."""
+    key = jax.random.PRNGKey(ctx + b)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, HQ, D), jnp.float16)
+    k = jax.random.normal(kk, (b * ctx, HKV, D), jnp.float16)
+    v = jax.random.normal(kv, (b * ctx, HKV, D), jnp.float16)
+    rot = tq.haar_rotation(D)
+    cent, bnd = tq.lloyd_max(D, 4)
+    table = jnp.arange(b * ctx // BS, dtype=jnp.int32).reshape(b, ctx // BS)
+    table = jax.random.permutation(kk, table.reshape(-1)).reshape(b, -1)
+    t = jnp.arange(ctx)
+    slots = (table[:, t // BS] * BS + t % BS).reshape(-1)
+    lens = jnp.full((b,), ctx, jnp.int32)
+    lay = tq.paged_layout(HKV, D)
+    cache = tq.paged_write(jnp.zeros((b * ctx // BS, BS, lay.row_bytes), jnp.uint8), k, v,
+                           slots, rot, bnd)
+    kp, kn, vp, vn = tq.compress_kv(k.reshape(b, ctx, HKV, D).swapaxes(1, 2),
+                                    v.reshape(b, ctx, HKV, D).swapaxes(1, 2), rot, bnd)
+    pr = tq.vllm.preset("turboquant_4bit_nc", D)
+    pi = tq.hadamard_rotation(D, seed=1)
+    vcache = tq.vllm.turboquant_store(jnp.zeros(pr.cache_shape(b * ctx // BS, BS, HKV),
+                                                jnp.uint8), k, v, slots, pi, cent,
+                                      **pr.store_kwargs())
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    n = b * HKV * ctx
+    return {
+        "contiguous tq4_kv": (lambda impl: jax.jit(lambda q, kp, kn, vp, vn: (
+            tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot,
+                                      impl=impl)[:, :, 0])), (q, kp, kn, vp, vn), n * 136),
+        "paged_decode": (lambda impl: jax.jit(lambda q, c, t, l: tq.paged_decode(
+            q, c, t, l, cent, rot, **kw, impl=impl)), (q, cache, table, lens), n * 136),
+        "vllm 4bit_nc": (lambda impl: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
+            q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl=impl)),
+            (q, vcache, table, lens), n * pr.slot_bytes),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--ctx", type=int, nargs="+", default=[32768])
+    ap.add_argument("--impl", nargs="+", default=["triton"])
+    a = ap.parse_args()
+    print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}")
+    print("\n| op | B | context | impl | GPU ms | wall ms | GB/s | SDPA fp16 ms | SDPA / GPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b in a.batch:
+        for ctx in a.ctx:
+            sd = sdpa_ms(b, ctx)
+            for name, (make, args, nbytes) in cases(b, ctx).items():
+                for impl in a.impl:
+                    try:
+                        f = make(impl)
+                        gpu, wall = device_ms(f, *args), time_ms(f, *args)
+                    except (ValueError, NotImplementedError) as e:
+                        print(f"| {name} | {b} | {ctx} | {impl} | - | - | - | {sd:.4f} | "
+                              f"{str(e)[:60]} |")
+                        continue
+                    print(f"| {name} | {b} | {ctx} | {impl} | {gpu:.4f} | {wall:.4f} | "
+                          f"{nbytes / (gpu * 1e-3) / 1e9:.0f} | {sd:.4f} | {sd / gpu:.2f}x |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
