@@ -46,7 +46,7 @@ for stage in $STAGES; do
     memcheck)
       note "memcheck: a planted out-of-bounds read must be caught"
       san="compute-sanitizer --tool memcheck --kernel-name kns=_kernel --error-exitcode 3"
-      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 120 $san python3 bench/memcheck.py --plant \
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${PLANT_TIMEOUT:-60} $san python3 bench/memcheck.py --plant \
         > "$OUT/memcheck_plant.log" 2>&1
       echo "planted run exit $? (3 = caught)"; grep -m3 -E "Invalid|ERROR SUMMARY" \
         "$OUT/memcheck_plant.log"
