@@ -52,15 +52,16 @@ def rotation_halves(rotation: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
     return (*split16(jnp.pad(r[0::2], pad)), *split16(jnp.pad(r[1::2], pad)))
 
 
-def _compress_kernel(*refs, n_streams: int, block_rows: int, n_bounds: tuple[int, ...],
+def _compress_kernel(rot_t, xs, bnds, *outs, block_rows: int, n_bounds: tuple[int, ...],
                      chunk: int):
     """Grid (row blocks, streams, column blocks): program (i, s, j) compresses rows block i of
     stream s and writes packed bytes [j * chunk, (j + 1) * chunk) (and, for j = 0, the norms).
-    refs: Pi^T halves (even hi, lo, odd hi, lo), the streams' x [N, D], their boundaries,
-    then per stream its outputs packed [N, D/2] and norms [N]."""
-    reh_ref, rel_ref, roh_ref, rol_ref = refs[:4]
-    xs, bnds = refs[4:4 + n_streams], refs[4 + n_streams:4 + 2 * n_streams]
-    outs = refs[4 + 2 * n_streams:]
+
+    Refs: ``rot_t`` the Pi^T halves (even hi, lo, odd hi, lo) [Dp, Hp]; ``xs`` the streams'
+    x [N, D]; ``bnds`` their boundaries; then per stream its outputs packed [N, D/2] uint8
+    and norms [N] f32."""
+    reh_ref, rel_ref, roh_ref, rol_ref = rot_t
+    n_streams = len(xs)
     i, j = pl.program_id(0), pl.program_id(2)  # read outside pl.when (interpret mode needs it)
 
     def one(s: int) -> None:
@@ -111,14 +112,14 @@ def compress(xs: tuple, rotation: jnp.ndarray, boundaries: tuple, *, config: Cod
     hp = halves[0].shape[1]
     br = config.block_rows
     chunk = min(hp, SMALL_CHUNK if n <= min(br, SMALL_ROWS) else 64)
-    kernel = partial(_compress_kernel, n_streams=len(xs), block_rows=br,
+    kernel = partial(_compress_kernel, block_rows=br,
                      n_bounds=tuple(b.shape[0] for b in boundaries), chunk=chunk)
     out_shape = (jax.ShapeDtypeStruct((n, d // 2), jnp.uint8),
                  jax.ShapeDtypeStruct((n,), jnp.float32)) * len(xs)
     return pallas_call(
         kernel, mode=mode, grid=(pl.cdiv(n, br), len(xs), hp // chunk),
         out_shape=out_shape, num_warps=config.num_warps, num_stages=1,
-    )(*halves, *xs, *boundaries)
+    )(tuple(halves), tuple(xs), tuple(boundaries))
 
 
 def _decode_rows(packed_ref, norm_ref, cent_ref, block_rows: int, hp: int):

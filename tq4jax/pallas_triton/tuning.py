@@ -1,9 +1,9 @@
 """Tuning of the Triton-lowered kernels, as data: every tile size, warp count, split rule and
 threshold the kernels use, with the benchmark that chose it.
 
-All choices were measured on an NVIDIA H200 (jax 0.11.2, 2026-11-21; numbers in
-bench/RESULTS.md). Every public kernel op takes ``config=`` to override them (sweeps and
-benchmarks use that, not these globals).
+All choices were measured on an NVIDIA H200 with jax 0.11.2 on 2026-11-21 by the command
+named beside each (numbers in bench/RESULTS.md, sections of that date). Every public kernel
+op takes ``config=`` to override them (sweeps and benchmarks use that, not these globals).
 """
 
 from __future__ import annotations
@@ -97,13 +97,12 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
     return cfg._replace(splits=int(splits))
 
 
-#: ``paged_prefill``'s default for ``use_int8_qk``: ``bench/paged.py`` (4 x 2K new tokens on 6K
-#: context): int8 5.05-5.07 ms vs fp16 5.20-5.23 ms, at about 1% relative L2 error instead of
-#: 0.3%.
+#: ``paged_prefill``'s default for ``use_int8_qk``: faster in ``bench/paged.py`` (4 x 2K new
+#: tokens on 6K context), at about 1% relative L2 error instead of 0.3%.
 INT8_QK_DEFAULT = True
 #: Paged decode loads K/V norms as float32 words from a bitcast view (rows 4-byte aligned),
-#: one key tile ahead (``bench/paged.py`` B=8 32K: 0.27 vs 0.33 ms); prefill keeps byte loads
-#: in the tile (5.2 ms vs 10.7 with both).
+#: one key tile ahead (faster in ``bench/paged.py`` decode); prefill keeps byte loads in the
+#: tile (the word view and prefetch made prefill twice as slow).
 PAGED_DECODE_NORM_WORDS = True
 PAGED_DECODE_PREFETCH = True
 
