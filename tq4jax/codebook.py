@@ -90,3 +90,64 @@ def hadamard_rotation(dim: int, seed: int | None = None) -> np.ndarray:
         h = np.block([[h, h], [h, -h]])
     s = np.ones(dim) if seed is None else np.random.default_rng(seed).choice([-1.0, 1.0], dim)
     return (h * s[None, :] / math.sqrt(dim)).astype(np.float32)
+
+
+#: vLLM's solver (``vllm/model_executor/layers/quantization/turboquant/centroids.py``):
+#: initial centroids uniform over +-VLLM_INIT_SIGMAS sigma, integration edges at 3x that,
+#: trapezoidal conditional means with VLLM_TRAPZ_POINTS intervals.
+VLLM_INIT_SIGMAS = 3.5
+VLLM_EDGE_FACTOR = 3.0
+VLLM_TRAPZ_POINTS = 200
+
+
+def vllm_codebook(head_dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream vLLM TurboQuant's Lloyd-Max codebook (LAYOUTS.md family B), as vLLM computes it.
+
+    Lloyd-Max for N(0, 1/head_dim), not truncated (unlike :func:`lloyd_max`, family A):
+    ``2**bits`` centroids start uniform over +-3.5 sigma; each step takes the midpoints as
+    boundaries, integrates over ``[-10.5 sigma, b_0], ..., [b_last, +10.5 sigma]`` with the
+    trapezoidal rule (200 intervals, summed left to right as vLLM's ``_trapz``) and sets each
+    centroid to its cell's conditional mean (kept when the cell's mass is <= 1e-15); it stops
+    after 200 steps or, as vLLM does, keeps the previous centroids once no centroid moves by
+    1e-10 or more.
+
+    Args:
+      head_dim: the head dimension D (an int >= 2): the variance is 1/D.
+      bits: centroid bits, an int in [1, 4] (vLLM's presets use 3 and 4).
+    Returns:
+      ``(centroids float32 [2**bits], boundaries float32 [2**bits - 1])``, ascending.
+      ``boundaries`` are the float32 midpoints of the float32 centroids, which is what
+      vLLM's store compares against (``(c[:-1] + c[1:]) / 2`` on the float32 tensor), so
+      they may differ by an ulp from its ``solve_lloyd_max``'s second output (float64
+      midpoints). ``tq4jax.vllm`` ops take the centroids and derive the same midpoints.
+    """
+    d = _check_dim(head_dim, "head_dim")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 4:
+        raise ValueError(f"bits must be an int in [1, 4], got {bits!r}")
+    n = 1 << int(bits)
+    sigma2 = 1.0 / d
+    sigma = math.sqrt(sigma2)
+    lo, hi = -VLLM_INIT_SIGMAS * sigma, VLLM_INIT_SIGMAS * sigma
+    c = lo + (hi - lo) * (np.arange(n, dtype=np.float64) + 0.5) / n
+    coef = 1.0 / math.sqrt(2 * math.pi * sigma2)
+    steps = np.arange(1, VLLM_TRAPZ_POINTS, dtype=np.float64)
+    for _ in range(MAX_ITERS):
+        edges = np.concatenate([[lo * VLLM_EDGE_FACTOR], (c[:-1] + c[1:]) / 2.0,
+                                [hi * VLLM_EDGE_FACTOR]])
+        a, b = edges[:-1, None], edges[1:, None]
+        h = (b - a) / VLLM_TRAPZ_POINTS
+        # columns: both ends (weight 1/2 each, added first), then the interior points in order
+        x = np.concatenate([a, b, a + steps * h], axis=1)
+        pdf = coef * np.exp(-x * x / (2 * sigma2))
+        terms = {"den": pdf, "num": x * pdf}
+        sums = {}
+        for key, f in terms.items():
+            seq = np.concatenate([0.5 * (f[:, :1] + f[:, 1:2]), f[:, 2:]], axis=1)
+            sums[key] = np.cumsum(seq, axis=1)[:, -1] * h[:, 0]  # sequential, as vLLM
+        den = sums["den"]
+        new_c = np.where(den > 1e-15, sums["num"] / np.where(den > 1e-15, den, 1.0), c)
+        if np.max(np.abs(new_c - c)) < TOL:
+            break
+        c = new_c
+    c32 = c.astype(np.float32)
+    return c32, ((c32[:-1] + c32[1:]) / np.float32(2)).astype(np.float32)
