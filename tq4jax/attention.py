@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from . import _checks as ck
 from . import pallas_triton as triton
 from .backend import check_config, kernel_mode, reference_of, resolve_impl
-from .core import LOG2E, default_scale, rotate_in_xla, rotation_parts
+from . import pallas_mosaic as mosaic
+from .core import LOG2E, default_scale, post_rotate, rotate_in_xla, rotation_parts
+from .layout import pad_codebook, to_dtype
 from .pallas_triton.attention import AttnSpec, Codes
 from .pallas_triton.lut import codebook_parts
 from .pallas_triton.tuning import Config, choose_config, rotate_in_kernel
@@ -104,19 +106,32 @@ def _check_lengths(kv_lengths: Any, q_offsets: Any, q: jax.Array) -> jax.Array |
 
 
 def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
-         raw_k=None, raw_v=None, path: str) -> jax.Array:
+         raw_k=None, raw_v=None, impl: str, offsets: bool = False) -> jax.Array:
     """The common tail of the three ops after their checks: empty shapes, the reference
-    path, or the kernel (``k``/``v`` dense arrays or (codes, norms, centroids) triples)."""
+    path, or a kernel backend (``k``/``v`` dense arrays or (codes, norms, centroids) triples;
+    ``offsets``: the caller gave q_offsets)."""
     b, hq, sq, d = q.shape
     compressed_k, compressed_v = isinstance(k, tuple), isinstance(v, tuple)
     hkv, sk = (k[0] if compressed_k else k).shape[1:3]
+    group = hq // hkv
+    mosaic_ok = (compressed_k and compressed_v and mask is None
+                 and not (causal and offsets) and mosaic.supported(d, group, sq))
+    path = resolve_impl(impl, mosaic=mosaic_ok)
+    config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else Config, path,
+                          "attention")
     if sq == 0 or sk == 0 or b == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
         kd = dequantize(*k[:2], k[2], rotation, jnp.float32) if compressed_k else k
         vd = dequantize(*v[:2], v[2], rotation, jnp.float32) if compressed_v else v
         return ref.contiguous(q, kd, vd, scale, causal, mask, lens)
-    group = hq // hkv
+    if path == "mosaic":
+        kv_len = jnp.full((b,), sk, jnp.int32) if lens is None else jnp.clip(lens[:b], 0, sk)
+        q_rot = rotate_in_xla(q, rotation).reshape(b, hkv, group, d)
+        out = mosaic.decode(q_rot, k[0], k[1], v[0], v[1], pad_codebook(k[2]),
+                            pad_codebook(v[2]), kv_len, scale, raw_k=raw_k, raw_v=raw_v,
+                            config=config, interpret=kernel_mode().interpret)
+        return to_dtype(post_rotate(out, rotation).reshape(q.shape), q.dtype)
     cfg = config or choose_config(b, hkv, group * sq, sk, d, compressed=compressed_k)
     in_kernel = rotate_in_kernel(d, group * sq)
     rot = None if rotation is None else rotation_parts(rotation, q.dtype)
@@ -144,9 +159,11 @@ _LENGTHS_DOC = """
       q_offsets: [B] int: the position of row b's first query for the causal mask (default
         ``kv_lengths - Sq``: the last query at the last valid key). Rows with no visible key
         give zeros.
-      config: Triton tiling (:class:`tq4jax.pallas_triton.tuning.Config`); None = chosen by
-        :func:`~tq4jax.pallas_triton.tuning.choose_config`.
-      impl: "auto" | "pallas" | "triton" | "reference" (:mod:`tq4jax.backend`).
+      config: the backend's tiling: Triton :class:`tq4jax.pallas_triton.tuning.Config` (None =
+        :func:`~tq4jax.pallas_triton.tuning.choose_config`), Mosaic
+        :class:`tq4jax.pallas_mosaic.MosaicConfig`.
+      impl: "auto" | "pallas" | "triton" | "mosaic" | "reference" (:mod:`tq4jax.backend`;
+        ``mosaic``: flash_attention_tq4_kv decode only, D=128, no mask).
     Returns:
       [B, H_Q, Sq, D] in q's dtype."""
 
@@ -165,11 +182,9 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
     q = _check_q(q)
     k = _check_kv("k", k, q, q.shape[-1], dtype=q.dtype)
     v = _check_kv("v", v, q, q.shape[-1], k, dtype=q.dtype)
-    path = resolve_impl(impl)
     return _run(q, k, v, None, _check_mask(attention_mask, q, k.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
-                scale=default_scale(q.shape[-1], sm_scale),
-                config=check_config(config, Config, path, "flash_attention"), path=path)
+                scale=default_scale(q.shape[-1], sm_scale), config=config, impl=impl)
 
 
 def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
@@ -186,14 +201,12 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     q = _check_q(q)
     k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
     v = _check_kv("v", v, q, q.shape[-1], k_packed, dtype=q.dtype)
-    path = resolve_impl(impl)
     return _run(q, (k_packed, k_norms, ck.check_centroids(centroids)), v,
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
-                scale=default_scale(q.shape[-1], sm_scale),
-                config=check_config(config, Config, path, "flash_attention_tq4"),
-                raw_k=centroids, path=path)
+                scale=default_scale(q.shape[-1], sm_scale), config=config, raw_k=centroids,
+                impl=impl)
 
 
 def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
@@ -216,14 +229,12 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
     v_packed, v_norms = _check_codes("v_packed", "v_norms", v_packed, v_norms, q, k_packed)
     centroids = ck.check_centroids(centroids)
     vc = centroids if v_centroids is None else ck.check_centroids(v_centroids, "v_centroids")
-    path = resolve_impl(impl)
     return _run(q, (k_packed, k_norms, centroids), (v_packed, v_norms, vc),
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
-                scale=default_scale(q.shape[-1], sm_scale),
-                config=check_config(config, Config, path, "flash_attention_tq4_kv"),
-                raw_k=raw_k, raw_v=raw_v, path=path)
+                scale=default_scale(q.shape[-1], sm_scale), config=config, raw_k=raw_k,
+                raw_v=raw_v, impl=impl, offsets=q_offsets is not None)
 
 
 for _op in (flash_attention, flash_attention_tq4, flash_attention_tq4_kv):

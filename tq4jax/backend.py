@@ -8,8 +8,9 @@
   GPU the Triton-lowered kernel in interpret mode.
 * ``"triton"``: the Pallas kernels lowered through Triton (``tq4jax.pallas_triton``): every op,
   any CUDA GPU; the portable path.
-* ``"mosaic"``: the Pallas Mosaic GPU kernels (``tq4jax.pallas_mosaic``): decode ops on Hopper
-  (sm_90+) only; a ValueError for an op or device it does not serve.
+* ``"mosaic"``: the Pallas Mosaic GPU kernels (``tq4jax.pallas_mosaic``, experimental): decode
+  on Hopper (sm_90+) where it has a kernel; a ValueError for an op, shape or GPU it does not
+  serve. Without a GPU it runs in GPU interpret mode.
 * ``"reference"``: the pure ``jax.numpy`` path (same math, float32 accumulation).
 
 Environment: ``TQ4JAX_INTERPRET=1|0`` overrides whether Triton-lowered kernels run in
@@ -63,7 +64,7 @@ def resolve_impl(impl: str, mosaic: bool = False, prefer_mosaic: bool = False) -
         if not mosaic:
             raise ValueError("impl='mosaic': this op (or these arguments) has no Mosaic GPU "
                              "kernel; use 'triton' or 'auto'")
-        if not hopper:
+        if on_gpu() and not hopper:  # without a GPU: interpret mode, or lowering for sm_90
             raise ValueError("impl='mosaic' needs an sm_90+ (Hopper) GPU")
         return "mosaic"
     if impl in ("auto", "pallas") and mosaic and prefer_mosaic and hopper:
@@ -110,9 +111,9 @@ def reference_of(op: Callable) -> Callable:
 
 
 def check_config(config: Any, kind: type, path: str, op: str) -> Any:
-    """``config=`` of a kernel op: None, or a ``kind`` for the Triton-lowered path (ignored
-    on the reference path)."""
-    if config is not None and path == "triton" and not isinstance(config, kind):
+    """``config=`` of a kernel op: None, or the ``kind`` of tiling the chosen kernel backend
+    takes (ignored on the reference path)."""
+    if config is not None and path != "reference" and not isinstance(config, kind):
         raise TypeError(f"{op}: config must be a {kind.__module__}.{kind.__name__}, got "
                         f"{type(config).__name__}")
     return config

@@ -1,8 +1,11 @@
-"""Testing helpers: prove on a CPU-only machine that a Pallas kernel lowers to Triton IR.
+"""Testing helpers: prove on a CPU-only machine that Pallas kernels lower for a CUDA GPU.
 
-``lower_to_triton(fn, *args)`` traces ``fn`` against an abstract CUDA device and returns the
-StableHLO text, which embeds the Triton kernel. It runs the Pallas -> Triton lowering (every
-"not implemented" error shows) but neither compiles PTX nor executes.
+``lower_for_gpu(fn, *args)`` (alias ``lower_to_triton``) traces ``fn`` against an abstract CUDA
+device with compiled (not interpreted) kernels and returns the StableHLO text, which embeds
+each kernel: Triton IR for the Triton-lowered backend (``__gpu$xla.gpu.triton``), the Mosaic
+GPU module for the Mosaic backend (``mosaic_gpu``, for sm_90). It runs the Pallas lowering
+(every "not implemented" error, Mosaic's layout, wgmma and TMA checks) but neither compiles
+PTX nor executes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def compiled_kernels() -> Iterator[None]:
             os.environ["TQ4JAX_INTERPRET"] = old
 
 
-def lower_to_triton(fn: Callable, *args: Any) -> str:
+def lower_for_gpu(fn: Callable, *args: Any) -> str:
     """Lower ``jax.jit(fn)(*args)`` for an abstract CUDA GPU; args may be ShapeDtypeStructs.
 
     Returns the lowered module text; raises if a kernel does not lower.
@@ -42,6 +45,9 @@ def lower_to_triton(fn: Callable, *args: Any) -> str:
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     with compiled_kernels(), jax.sharding.use_abstract_mesh(amesh):
         return jax.jit(fn).trace(*structs).lower().as_text()
+
+
+lower_to_triton = lower_for_gpu
 
 
 def kernel_jaxpr(fn: Callable, *args: Any) -> str:

@@ -1,0 +1,15 @@
+"""Kernel backend 2 (experimental): Pallas Mosaic GPU kernels for Hopper decode.
+
+* :mod:`.decode`: contiguous TQ4 decode (``flash_attention_tq4_kv`` with one query per
+  sequence, D = 128, no mask) - TMA rings, keys on the wgmma M side, in-register ``prmt``
+  codebook lookups (:mod:`.lut`).
+
+Chosen only by ``impl="mosaic"``: it is correct on an H200 but not yet faster than the
+Triton-lowered kernels (bench/RESULTS.md, 2026-12-03), so ``auto`` keeps those. Without a GPU
+the kernels run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the
+CPU. API differences between jax versions live in :mod:`.compat`.
+"""
+
+from .decode import MosaicConfig, decode, supported
+
+__all__ = ["MosaicConfig", "decode", "supported"]
