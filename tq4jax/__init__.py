@@ -18,6 +18,17 @@ from .layout import PagedLayout, bytes_per_token_head, paged_layout
 from .nn import dot_product_attention, make_attention_fn
 from .paged import (paged_decode, paged_decode_reference, paged_prefill, paged_prefill_reference,
                     paged_write, paged_write_reference)
+from .serving import BlockAllocator, CacheOverflowError, PagedKVCache
+
+
+def swap_attention(model, **kwargs):
+    """:func:`tq4jax.flax_attention.swap_attention` (needs the ``flax`` extra): every
+    ``nnx.MultiHeadAttention`` of ``model`` becomes a TQ4-cache drop-in, in place."""
+    try:
+        from .flax_attention import swap_attention as swap
+    except ImportError as e:  # pragma: no cover - flax is installed with the test extra
+        raise ImportError("tq.swap_attention needs flax: pip install 'tq4jax[flax]'") from e
+    return swap(model, **kwargs)
 
 __version__ = "0.1.0"
 
@@ -32,5 +43,5 @@ __all__ = [
     "paged_layout", "PagedLayout", "paged_write", "paged_write_reference", "paged_decode",
     "paged_decode_reference", "paged_prefill", "paged_prefill_reference",
     "TQ4Spec", "TQ4Cache", "DenseCache", "dot_product_attention", "make_attention_fn",
-    "vllm",
+    "PagedKVCache", "BlockAllocator", "CacheOverflowError", "swap_attention", "vllm",
 ]
