@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks as ck
 from . import pallas_triton as triton
@@ -105,16 +106,48 @@ def _check_lengths(kv_lengths: Any, q_offsets: Any, q: jax.Array) -> jax.Array |
     return jnp.concatenate(out)
 
 
+def _check_extras(q: jax.Array, local_window_size: Any, logit_soft_cap: Any, sinks: Any):
+    """-> (window (left, right) or None, soft cap or None, sinks f32 [H_Q] or None)."""
+    window = None
+    if local_window_size is not None:
+        w = local_window_size
+        w = (w, w) if isinstance(w, (int, np.integer)) and not isinstance(w, bool) else w
+        if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(
+                isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
+                for x in w)):
+            raise ValueError(f"local_window_size must be an int >= 0 or a (left, right) pair "
+                             f"of them, got {local_window_size!r}")
+        window = (int(w[0]), int(w[1]))
+    cap = None
+    if logit_soft_cap is not None:
+        if isinstance(logit_soft_cap, jax.core.Tracer) or isinstance(logit_soft_cap, bool) \
+                or not isinstance(logit_soft_cap, (int, float, np.floating)) \
+                or not logit_soft_cap > 0:
+            raise ValueError(f"logit_soft_cap must be a positive Python float (static), got "
+                             f"{logit_soft_cap!r}")
+        cap = float(logit_soft_cap)
+    if sinks is not None:
+        sinks = ck.as_array("sinks", sinks)
+        ck.check_float("sinks", sinks)
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks must have shape ({q.shape[1]},) (one logit per query "
+                             f"head), got {tuple(sinks.shape)}")
+        sinks = sinks.astype(jnp.float32)
+    return window, cap, sinks
+
+
 def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
-         raw_k=None, raw_v=None, impl: str, offsets: bool = False) -> jax.Array:
+         raw_k=None, raw_v=None, impl: str, offsets: bool = False, window=None, softcap=None,
+         sinks=None) -> jax.Array:
     """The common tail of the three ops after their checks: empty shapes, the reference
     path, or a kernel backend (``k``/``v`` dense arrays or (codes, norms, centroids) triples;
-    ``offsets``: the caller gave q_offsets)."""
+    ``offsets``: the caller gave q_offsets; window, softcap, sinks: see the ops)."""
     b, hq, sq, d = q.shape
     compressed_k, compressed_v = isinstance(k, tuple), isinstance(v, tuple)
     hkv, sk = (k[0] if compressed_k else k).shape[1:3]
     group = hq // hkv
-    mosaic_ok = (compressed_k and compressed_v and mask is None
+    plain = mask is None and window is None and softcap is None and sinks is None
+    mosaic_ok = (compressed_k and compressed_v and plain
                  and not (causal and offsets) and mosaic.supported(d, group, sq))
     path = resolve_impl(impl, mosaic=mosaic_ok)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else Config, path,
@@ -124,7 +157,7 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
     if path == "reference":
         kd = dequantize(*k[:2], k[2], rotation, jnp.float32) if compressed_k else k
         vd = dequantize(*v[:2], v[2], rotation, jnp.float32) if compressed_v else v
-        return ref.contiguous(q, kd, vd, scale, causal, mask, lens)
+        return ref.contiguous(q, kd, vd, scale, causal, mask, lens, window, softcap, sinks)
     if path == "mosaic":
         kv_len = jnp.full((b,), sk, jnp.int32) if lens is None else jnp.clip(lens[:b], 0, sk)
         q_rot = rotate_in_xla(q, rotation).reshape(b, hkv, group, d)
@@ -148,8 +181,9 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
     spec = AttnSpec(cfg, group, sq, sk, d, scale * LOG2E, causal, k_lut=k_lut,
                     v_lut=v_lut, rot_q=compressed_k and in_kernel,
                     post=compressed_v and in_kernel,
-                    mask_heads=mask is not None and mask.shape[1] > 1)
-    return triton.attention.attention(q, kk, vv, rot, mask, lens, spec=spec,
+                    mask_heads=mask is not None and mask.shape[1] > 1, window=window,
+                    softcap=softcap)
+    return triton.attention.attention(q, kk, vv, rot, mask, lens, sinks, spec=spec,
                                       mode=kernel_mode())
 
 
@@ -159,6 +193,12 @@ _LENGTHS_DOC = """
       q_offsets: [B] int: the position of row b's first query for the causal mask (default
         ``kv_lengths - Sq``: the last query at the last valid key). Rows with no visible key
         give zeros.
+      local_window_size: int or (left, right): the query at position p sees keys
+        ``[p - left, p + right]`` only (sliding window; with is_causal, right is moot).
+      logit_soft_cap: static float c: logits become ``c * tanh(logits / c)`` (Gemma) before
+        ``attention_mask``.
+      sinks: [H_Q] float: one logit per query head that joins every row's softmax
+        denominator (attention sinks) without a value.
       config: the backend's tiling: Triton :class:`tq4jax.pallas_triton.tuning.Config` (None =
         :func:`~tq4jax.pallas_triton.tuning.choose_config`), Mosaic
         :class:`tq4jax.pallas_mosaic.MosaicConfig`.
@@ -171,6 +211,8 @@ _LENGTHS_DOC = """
 def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
                     is_causal: bool = False, attention_mask: Any = None, *,
                     kv_lengths: Any = None, q_offsets: Any = None,
+                    local_window_size: int | tuple[int, int] | None = None,
+                    logit_soft_cap: float | None = None, sinks: Any = None,
                     config: Config | None = None, impl: str = "auto") -> jax.Array:
     """FlashAttention-2 forward on dense fp16/bf16 K/V with GQA, causal and additive masks.
 
@@ -182,16 +224,20 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
     q = _check_q(q)
     k = _check_kv("k", k, q, q.shape[-1], dtype=q.dtype)
     v = _check_kv("v", v, q, q.shape[-1], k, dtype=q.dtype)
+    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
     return _run(q, k, v, None, _check_mask(attention_mask, q, k.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
-                scale=default_scale(q.shape[-1], sm_scale), config=config, impl=impl)
+                scale=default_scale(q.shape[-1], sm_scale), config=config, impl=impl,
+                window=window, softcap=cap, sinks=sinks)
 
 
 def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
                         rotation: Any, sm_scale: float | None = None, is_causal: bool = False,
                         *, attention_mask: Any = None, kv_lengths: Any = None,
-                        q_offsets: Any = None, config: Config | None = None,
-                        impl: str = "auto") -> jax.Array:
+                        q_offsets: Any = None,
+                        local_window_size: int | tuple[int, int] | None = None,
+                        logit_soft_cap: float | None = None, sinks: Any = None,
+                        config: Config | None = None, impl: str = "auto") -> jax.Array:
     """Attention with TQ4-compressed K (decoded in the kernel) and dense fp16/bf16 V.
 
     Args:
@@ -201,20 +247,23 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
     q = _check_q(q)
     k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
     v = _check_kv("v", v, q, q.shape[-1], k_packed, dtype=q.dtype)
+    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
     return _run(q, (k_packed, k_norms, ck.check_centroids(centroids)), v,
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
                 scale=default_scale(q.shape[-1], sm_scale), config=config, raw_k=centroids,
-                impl=impl)
+                impl=impl, window=window, softcap=cap, sinks=sinks)
 
 
 def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
                            centroids: Any, rotation: Any, sm_scale: float | None = None,
                            is_causal: bool = False, v_centroids: Any = None, *,
                            attention_mask: Any = None, kv_lengths: Any = None,
-                           q_offsets: Any = None, config: Config | None = None,
-                           impl: str = "auto") -> jax.Array:
+                           q_offsets: Any = None,
+                           local_window_size: int | tuple[int, int] | None = None,
+                           logit_soft_cap: float | None = None, sinks: Any = None,
+                           config: Config | None = None, impl: str = "auto") -> jax.Array:
     """Attention with TQ4-compressed K and V, both decoded in the kernel.
 
     Args:
@@ -229,12 +278,14 @@ def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v
     v_packed, v_norms = _check_codes("v_packed", "v_norms", v_packed, v_norms, q, k_packed)
     centroids = ck.check_centroids(centroids)
     vc = centroids if v_centroids is None else ck.check_centroids(v_centroids, "v_centroids")
+    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
     return _run(q, (k_packed, k_norms, centroids), (v_packed, v_norms, vc),
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
                 scale=default_scale(q.shape[-1], sm_scale), config=config, raw_k=raw_k,
-                raw_v=raw_v, impl=impl, offsets=q_offsets is not None)
+                raw_v=raw_v, impl=impl, offsets=q_offsets is not None, window=window,
+                softcap=cap, sinks=sinks)
 
 
 for _op in (flash_attention, flash_attention_tq4, flash_attention_tq4_kv):

@@ -42,20 +42,24 @@ def default_scale(head_dim: int, scale: Any) -> float:
 
 
 def merge_splits(o: jnp.ndarray, lse: jnp.ndarray, axis: int,
-                 valid: jnp.ndarray | None = None) -> jnp.ndarray:
+                 valid: jnp.ndarray | None = None, with_lse: bool = False) -> Any:
     """Log-sum-exp merge of KV splits: ``o`` [..., S, ..., D] normalized per split, ``lse``
     the same shape without D (natural log of each split's softmax sum, -inf for a split that
     saw no key), split axis ``axis`` of ``lse``. ``valid`` (broadcastable to ``lse``) marks
     splits that were written at all: others (their memory is garbage) drop out. A row with
     no key in any split gives zeros; a NaN lse (a non-finite input) makes the row NaN.
-    Returns float32 with the split axis removed."""
+    Returns float32 with the split axis removed (and, ``with_lse``, the merged lse)."""
     if valid is not None:
         lse = jnp.where(valid, lse, -jnp.inf)
     top = jnp.max(lse, axis=axis, keepdims=True)  # NaN (a NaN score) propagates to the row
     w = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - jnp.where(top == -jnp.inf, 0.0, top)))
     total = jnp.sum(w, axis=axis)
     num = jnp.sum(w[..., None] * jnp.where(w[..., None] > 0, o, 0.0), axis=axis)
-    return num / jnp.where(total > 0, total, 1.0)[..., None]
+    out = num / jnp.where(total > 0, total, 1.0)[..., None]
+    if not with_lse:
+        return out
+    shift = jnp.squeeze(jnp.where(top == -jnp.inf, 0.0, top), axis)
+    return out, jnp.log(total) + shift  # -inf where no split saw a key
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ class AttnSpec(NamedTuple):
     kernel rotates q / post-rotates its output; ``mask_heads``: the additive mask has a head
     axis; ``paged``: the K/V source is a :class:`PagedSource` (then ``sq`` counts tokens and
     ``sk`` is the block table's capacity); ``int8_qk``: Q @ K^T on int8 (q per row, K by its
-    int8 codebook levels)."""
+    int8 codebook levels); ``window``: (left, right) keys a query at position p sees,
+    ``[p - left, p + right]``; ``softcap``: logits become ``softcap * tanh(logits / softcap)``
+    before any mask."""
     cfg: Config
     group: int
     sq: int
@@ -92,6 +94,8 @@ class AttnSpec(NamedTuple):
     mask_heads: bool = False
     paged: Paged | None = None
     int8_qk: bool = False
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
 
 
 def quantize_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -222,13 +226,19 @@ def attn_kernel(q_ref, q_rot, k_src, v_src, post_rot, mask_ref, lens_ref, o_ref,
     k_start = pl.program_id(2) * split_len
     k_stop = jnp.minimum(k_start + split_len, seq_len)
     hi = safe = k_stop
+    last_pos = (jnp.minimum(row0 + bm, n_rows) - 1) // group
     if spec.causal:
-        last_pos = (jnp.minimum(row0 + bm, n_rows) - 1) // group
         hi = jnp.minimum(k_stop, last_pos + shift + 1)
         safe = jnp.minimum(hi, row0 // group + shift + 1)
     n_all = pl.cdiv(jnp.maximum(hi - k_start, 0), bn)
     n_safe = 0 if mask_ref is not None else jnp.minimum(jnp.maximum(safe - k_start, 0) // bn,
                                                         n_all)
+    first = 0
+    if spec.window is not None:  # tiles left of the block's window are skipped, all masked
+        left, right = spec.window
+        hi = jnp.minimum(hi, last_pos + shift + right + 1)
+        n_all = pl.cdiv(jnp.maximum(hi - k_start, 0), bn)
+        first = n_safe = jnp.clip((row0 // group + shift - left - k_start) // bn, 0, n_all)
     prefetch = paged is not None and paged.prefetch_norms
 
     def ahead(j):  # cache rows, K and V norms of key tile j (masked: may be past the end)
@@ -255,6 +265,8 @@ def attn_kernel(q_ref, q_rot, k_src, v_src, post_rot, mask_ref, lens_ref, o_ref,
             s = (dot32(q_e, k_e.T) + dot32(q_o, k_o.T)) * (k_norm * spec.scale_log2)[None, :]
         else:
             s = dot32(q, load_tile(k_src, k_pos, kmask, cols, c_ok).T) * spec.scale_log2
+        if spec.softcap is not None:  # in log2 units: c * tanh(s / c), c = softcap * log2 e
+            s = (spec.softcap * LOG2E) * jnp.tanh(s * (1.0 / (spec.softcap * LOG2E)))
         if masked:
             if mask_ref is not None:
                 s = s + load_tile(mask_ref, phys if spec.mask_heads else pos, r_ok, k_pos,
@@ -262,6 +274,9 @@ def attn_kernel(q_ref, q_rot, k_src, v_src, post_rot, mask_ref, lens_ref, o_ref,
             visible = k_ok[None, :]
             if spec.causal:
                 visible = visible & (k_pos[None, :] <= pos[:, None] + shift)
+            if spec.window is not None:
+                rel = k_pos[None, :] - (pos[:, None] + shift)
+                visible = visible & (rel >= -spec.window[0]) & (rel <= spec.window[1])
             s = jnp.where(visible, s, -jnp.inf)
         p, alpha, m_new, l_new = softmax_step(s, m_prev, l_prev)
         if v_tq4:  # acc = (even, odd) output coordinates
@@ -280,7 +295,7 @@ def attn_kernel(q_ref, q_rot, k_src, v_src, post_rot, mask_ref, lens_ref, o_ref,
         acc = jnp.zeros((bm, cols.shape[0]), jnp.float32)
     m0 = jnp.full((bm,), M_INIT, jnp.float32)
     carry = (acc, m0, jnp.zeros_like(m0), ahead(0) if prefetch else ())
-    acc, m, l_fin, _ = key_loop(n_safe, n_all, body, carry)
+    acc, m, l_fin, _ = key_loop(first, n_safe, n_all, body, carry)
     if v_tq4:
         acc = interleave(*acc)
 
@@ -293,12 +308,17 @@ def attn_kernel(q_ref, q_rot, k_src, v_src, post_rot, mask_ref, lens_ref, o_ref,
         store_rows(lse_ref, ophys, r_ok, lse_of(m, l_fin))
 
 
-def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any):
+def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any,
+                 lse: bool = False):
     """(out_shape, out_specs) of a contiguous launch: [B, HKV, rows, D] in ``dtype`` for one
-    split; per split [B, HKV, S, rows, D] f32 plus the lse [B, HKV, S, rows] otherwise."""
+    split (and, with ``lse``, its log-sum-exp [B, HKV, rows]); per split [B, HKV, S, rows, D]
+    f32 plus the lse [B, HKV, S, rows] otherwise."""
     if splits == 1:
         out = jax.ShapeDtypeStruct((b, hkv, n_rows, d), dtype)
-        return (out,), (head_spec(out, hkv),)
+        if not lse:
+            return (out,), (head_spec(out, hkv),)
+        lse_out = jax.ShapeDtypeStruct((b, hkv, n_rows), jnp.float32)
+        return (out, lse_out), (head_spec(out, hkv), head_spec(lse_out, hkv))
     shapes = ((b, hkv, splits, n_rows, d), (b, hkv, splits, n_rows))
 
     def split_spec(sh):
@@ -310,25 +330,34 @@ def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any)
             tuple(split_spec(sh) for sh in shapes))
 
 
-def finish(outs: tuple, shape: tuple, dtype: Any, split_axis: int,
-           rotation: jnp.ndarray | None) -> jnp.ndarray:
-    """Kernel outputs -> ``shape`` in ``dtype``: merge the splits (when there are several;
-    split axis ``split_axis`` of the lse) and post-rotate by ``rotation`` when the kernel did
-    not (None: it did, or V was not compressed)."""
-    out = outs[0] if len(outs) == 1 else merge_splits(outs[0], outs[1], split_axis)
+def finish(outs: tuple, shape: tuple, dtype: Any, split_axis: int | None,
+           rotation: jnp.ndarray | None, sinks: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Kernel outputs -> ``shape`` [..., H_Q, rows, D] in ``dtype``: merge the splits (split
+    axis ``split_axis`` of the lse; None: one split), post-rotate by ``rotation`` when the
+    kernel did not (None: it did, or V was not compressed), and with ``sinks`` ([H_Q] logits
+    in the softmax denominator) scale each row by ``1 / (1 + exp(sink - lse))``."""
+    if split_axis is None:
+        out, lse = outs[0], (outs[1] if len(outs) > 1 else None)
+    else:
+        out, lse = merge_splits(outs[0], outs[1], split_axis, with_lse=True)
     out = out.reshape(shape)
     if rotation is not None:
         out = post_rotate(out, rotation)
+    if sinks is not None:
+        lse = lse.reshape(shape[:-1])
+        sink = sinks.astype(jnp.float32).reshape((-1, 1) if len(shape) > 3 else (-1,))
+        out = out.astype(jnp.float32) / (1.0 + jnp.exp(sink - lse))[..., None]
     return to_dtype(out, dtype)
 
 
 @partial(jax.jit, static_argnames=("spec", "mode"))
 def attention(q: jnp.ndarray, k: Any, v: Any, rot: Rotation | None, mask: jnp.ndarray | None,
-              lens: jnp.ndarray | None, *, spec: AttnSpec, mode: KernelMode) -> jnp.ndarray:
+              lens: jnp.ndarray | None, sinks: jnp.ndarray | None = None, *, spec: AttnSpec,
+              mode: KernelMode) -> jnp.ndarray:
     """Contiguous attention: q [B, HQ, Sq, D] (already rotated unless ``spec.rot_q`` when K
     is compressed); k/v dense [B, HKV, Sk, D] or :class:`Codes`; ``rot`` the rotation (None
-    when nothing is compressed); mask None or [Bm, Hm, Sq, Sk]; lens None or int32 [2 * B].
-    Returns [B, HQ, Sq, D] in q's dtype."""
+    when nothing is compressed); mask None or [Bm, Hm, Sq, Sk]; lens None or int32 [2 * B];
+    sinks None or [HQ] f32 sink logits. Returns [B, HQ, Sq, D] in q's dtype."""
     b, hq, sq, d = q.shape
     hkv, n_rows, splits = hq // spec.group, spec.group * sq, spec.cfg.splits
     q_view = q.reshape(b, hkv, n_rows, d)
@@ -350,11 +379,13 @@ def attention(q: jnp.ndarray, k: Any, v: Any, rot: Rotation | None, mask: jnp.nd
                 jax.tree.map(spec_of, k), jax.tree.map(spec_of, v),
                 jax.tree.map(whole_spec, post), mask_spec, jax.tree.map(whole_spec, lens))
     v_tq4 = isinstance(v, Codes)
-    out_shape, out_specs = output_specs(b, hkv, n_rows, d, splits,
-                                        jnp.float32 if v_tq4 and not spec.post else q.dtype)
+    out_shape, out_specs = output_specs(
+        b, hkv, n_rows, d, splits,
+        jnp.float32 if (v_tq4 and not spec.post) or sinks is not None else q.dtype,
+        lse=sinks is not None)
     outs = pallas_call(partial(attn_kernel, spec=spec), mode=mode,
                        grid=(pl.cdiv(n_rows, spec.cfg.block_m), b * hkv, splits),
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=spec.cfg.num_warps, num_stages=spec.cfg.num_stages)(*args)
-    return finish(outs, (b, hq, sq, d), q.dtype, 2,
-                  rot.pi if v_tq4 and not spec.post else None)
+    return finish(outs, (b, hq, sq, d), q.dtype, 2 if splits > 1 else None,
+                  rot.pi if v_tq4 and not spec.post else None, sinks)

@@ -107,7 +107,8 @@ def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndar
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)(*args)
     if splits > 1:
         outs = (outs[0].reshape(splits, rows, d), outs[1].reshape(splits, rows))
-    out = finish(outs, (n, hq, d), q.dtype, 0, None if in_kernel else rot.pi)
+    out = finish(outs, (n, hq, d), q.dtype, 0 if splits > 1 else None,
+                 None if in_kernel else rot.pi)
     if decode:
         return out
     t = jnp.arange(n)

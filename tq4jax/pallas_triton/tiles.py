@@ -165,10 +165,10 @@ def softmax_step(s: jnp.ndarray, m_prev: jnp.ndarray, l_prev: jnp.ndarray):
     return p, alpha, m_new, l_prev * alpha + jnp.sum(p, axis=1)
 
 
-def key_loop(n_safe: Any, n_all: Any, step: Callable, carry: Any) -> Any:
-    """Run ``step(j, carry, masked)`` over key tiles: tiles ``[0, n_safe)`` need no masking,
-    tiles ``[n_safe, n_all)`` do (ragged end, causal edge, mask)."""
-    carry = lax.fori_loop(0, n_safe, partial(step, masked=False), carry)
+def key_loop(first: Any, n_safe: Any, n_all: Any, step: Callable, carry: Any) -> Any:
+    """Run ``step(j, carry, masked)`` over key tiles ``[first, n_all)``: tiles before
+    ``n_safe`` need no masking, the others do (ragged end, causal or window edge, mask)."""
+    carry = lax.fori_loop(first, n_safe, partial(step, masked=False), carry)
     return lax.fori_loop(n_safe, n_all, partial(step, masked=True), carry)
 
 

@@ -233,7 +233,7 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
                 h_ok[None, :].astype(dt), half.shape)
         carry = ((half, half), zero_rows, jnp.full((block_m,), M_INIT, jnp.float32),
                  zero_rows, ahead(0) if cfg.prefetch else ())
-        acc, zacc, m, l_fin, _ = key_loop((stop - start) // bn, pl.cdiv(stop - start, bn),
+        acc, zacc, m, l_fin, _ = key_loop(0, (stop - start) // bn, pl.cdiv(stop - start, bn),
                                           step, carry)
         orow = qrow * splits + sp
         out = (interleave(*acc) + zacc[:, None]) / l_fin[:, None]

@@ -12,24 +12,35 @@ from .codec import dequantize
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, causal: bool,
-              mask: jnp.ndarray | None = None) -> jnp.ndarray:
+              mask: jnp.ndarray | None = None, softcap: float | None = None,
+              sinks: jnp.ndarray | None = None) -> jnp.ndarray:
     """q [B, HQ, Sq, D], k/v [B, HKV, Sk, D] (any float dtype), additive ``mask``
-    broadcastable to [B, HQ, Sq, Sk]; causal aligns the last query with the last key.
-    Returns float32 [B, HQ, Sq, D]; rows with no visible key are zeros."""
+    broadcastable to [B, HQ, Sq, Sk] (-inf hides a key); causal aligns the last query with the
+    last key; ``softcap``: logits -> softcap * tanh(logits / softcap) before the mask;
+    ``sinks`` [HQ]: a per-head logit that joins each row's softmax denominator. Returns
+    float32 [B, HQ, Sq, D]; rows with no visible key are zeros."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, sq, d)
     s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST) * scale
     s = s.reshape(b, hq, sq, sk)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     if mask is not None:
         s = s + mask.astype(jnp.float32)
     if causal:
         s = jnp.where(jnp.arange(sk)[None, :] <= jnp.arange(sq)[:, None] + (sk - sq), s,
                       -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
+    sink = None
+    if sinks is not None:
+        sink = jnp.asarray(sinks, jnp.float32).reshape(1, hq, 1, 1)
+        m = jnp.maximum(m, jnp.where(jnp.isfinite(m), sink, -jnp.inf))
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     l = jnp.sum(p, axis=-1, keepdims=True)
+    if sink is not None:
+        l = l + jnp.where(l > 0, jnp.exp(sink - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     p = (p / jnp.where(l > 0, l, 1.0)).reshape(b, hkv, hq // hkv, sq, sk)
     out = jnp.einsum("bhgqk,bhkd->bhgqd", p, v.astype(jnp.float32),
                      precision=lax.Precision.HIGHEST)
@@ -37,20 +48,30 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, caus
 
 
 def contiguous(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float, causal: bool,
-               mask: jnp.ndarray | None, lens: jnp.ndarray | None) -> jnp.ndarray:
+               mask: jnp.ndarray | None, lens: jnp.ndarray | None,
+               window: tuple[int, int] | None = None, softcap: float | None = None,
+               sinks: jnp.ndarray | None = None) -> jnp.ndarray:
     """:func:`attention` with the ops' per-row ``lens`` (int32 [2 * B]: key counts, then the
-    position of each row's first query) folded into the mask; returns q's dtype."""
-    if lens is not None:
-        b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
-        kv_len, off = lens[:b, None, None, None], lens[b:, None, None, None]
+    position of each row's first query; None: every key, the last query at the last key) and
+    ``window`` (left, right: query at position p sees keys [p - left, p + right]) folded into
+    the mask; returns q's dtype."""
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    if lens is not None or window is not None:
         keys, rows = jnp.arange(sk)[None, None, None, :], jnp.arange(sq)[None, None, :, None]
+        if lens is None:
+            kv_len, off = sk, sk - sq
+        else:
+            kv_len, off = lens[:b, None, None, None], lens[b:, None, None, None]
+        pos = off + rows
         visible = keys < kv_len
         if causal:
-            visible = visible & (keys <= off + rows)
+            visible = visible & (keys <= pos)
+        if window is not None:
+            visible = visible & (keys >= pos - window[0]) & (keys <= pos + window[1])
         extra = jnp.where(visible, 0.0, -jnp.inf)
         mask = extra if mask is None else mask.astype(jnp.float32) + extra
         causal = False
-    return to_dtype(attention(q, k, v, scale, causal, mask), q.dtype)
+    return to_dtype(attention(q, k, v, scale, causal, mask, softcap, sinks), q.dtype)
 
 
 def gather_paged(kv_cache: jnp.ndarray, block_table: jnp.ndarray, seq_lens: jnp.ndarray,
