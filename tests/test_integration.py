@@ -172,7 +172,7 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="layer is required"):
         tq.dot_product_attention(k, k, k, cache=cache)
     with pytest.raises(ValueError, match="local_window_size"):
-        tq.dot_product_attention(k, k, k, local_window_size=(2, 0))
+        tq.dot_product_attention(k, k, k, local_window_size=(2, -1))
 
 
 def test_drop_in_bad_input_names_caller_arguments(rng):

@@ -222,10 +222,13 @@ class TQ4Cache:
 
     def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
                scale: float | None = None, is_causal: bool = True,
+               local_window_size: int | tuple[int, int] | None = None,
+               logit_soft_cap: float | None = None, sinks: Any = None,
                impl: str = "auto") -> jnp.ndarray:
         """Attention of the T tokens just stored (query BTNH [B, T, H_Q, D] fp16/bf16) over
         the layer's cache; returns BTNH in query's dtype. Query t of row b sits at position
-        ``lengths[b] - new_lengths[b] + t``."""
+        ``lengths[b] - new_lengths[b] + t``. ``local_window_size``, ``logit_soft_cap``,
+        ``sinks``: as :func:`tq4jax.flash_attention`."""
         layer = _check_layer(layer, self.num_layers)
         query = jnp.asarray(query)
         lens = self.lengths[layer]
@@ -236,6 +239,7 @@ class TQ4Cache:
             jnp.swapaxes(query, 1, 2), self.k_codes[layer], self.k_norms[layer],
             self.v_codes[layer], self.v_norms[layer], c, rot, scale, is_causal,
             v_centroids=self.spec.codebook("v")[0], kv_lengths=lens, q_offsets=lens - n_new,
+            local_window_size=local_window_size, logit_soft_cap=logit_soft_cap, sinks=sinks,
             impl=impl)
         return jnp.swapaxes(out, 1, 2)
 
@@ -291,8 +295,14 @@ class DenseCache:
         return dataclasses.replace(self, lengths=_reset(self.lengths, rows))
 
     def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
-               scale: float | None = None, is_causal: bool = True) -> jnp.ndarray:
-        """As :meth:`TQ4Cache.attend`, on the dense K/V (``jax.nn.dot_product_attention``)."""
+               scale: float | None = None, is_causal: bool = True,
+               local_window_size: int | tuple[int, int] | None = None,
+               logit_soft_cap: float | None = None, sinks: Any = None) -> jnp.ndarray:
+        """As :meth:`TQ4Cache.attend`, on the dense K/V (``jax.nn.dot_product_attention``:
+        no soft cap, no sinks)."""
+        if logit_soft_cap is not None or sinks is not None:
+            raise ValueError("DenseCache attends with jax.nn.dot_product_attention: no "
+                             "logit_soft_cap or sinks")
         layer = _check_layer(layer, self.num_layers)
         query = jnp.asarray(query)
         k, v, lens = self.k[layer], self.v[layer], self.lengths[layer]
@@ -300,12 +310,18 @@ class DenseCache:
         query = query.astype(k.dtype)
         if jax.default_backend() == "cpu":  # XLA:CPU has no fp16 x fp16 -> f32 dot
             query, k, v = (x.astype(jnp.float32) for x in (query, k, v))
-        if t == 1 or not is_causal:  # one query per row sees every stored key
+        if (t == 1 or not is_causal) and local_window_size is None:  # every stored key
             return jax.nn.dot_product_attention(query, k, v, scale=scale,
                                                 key_value_seq_lengths=lens,
                                                 implementation=self.implementation)
         n_new = t if new_lengths is None else jnp.clip(jnp.asarray(new_lengths, jnp.int32), 0, t)
-        first = (lens - n_new)[:, None, None, None]
-        keys, rows = jnp.arange(c)[None, None, None, :], jnp.arange(t)[None, None, :, None]
-        mask = (keys < lens[:, None, None, None]) & (keys <= first + rows)
+        pos = (lens - n_new)[:, None, None, None] + jnp.arange(t)[None, None, :, None]
+        keys = jnp.arange(c)[None, None, None, :]
+        mask = keys < lens[:, None, None, None]
+        if is_causal:
+            mask = mask & (keys <= pos)
+        if local_window_size is not None:
+            w = local_window_size
+            left, right = (w, w) if isinstance(w, int) else w
+            mask = mask & (keys >= pos - left) & (keys <= pos + right)
         return jax.nn.dot_product_attention(query, k, v, scale=scale, mask=mask)

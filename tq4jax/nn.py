@@ -61,11 +61,17 @@ def _check_broadcast(name: str, x: Any, want: tuple, kind: str) -> jnp.ndarray |
 
 
 def _check_qkv(query: Any, key: Any, value: Any, with_cache: bool):
-    """BTNH query [B, T, N, H] fp16/bf16; key/value [B, S, K, H] of one shape, N % K == 0."""
+    """BTNH query [B, T, N, H] (or TNH [T, N, H]) float; key/value [B, S, K, H] (or [S, K, H])
+    of one shape, N % K == 0. Returns 4-D views and whether the inputs were 3-D."""
     query = ck.as_array("query", query)
-    ck.check_dtype("query", query, [jnp.float16, jnp.bfloat16])
-    ck.check_ndim("query", query, 4, "[batch, q_len, num_heads, head_dim] (BTNH)")
+    ck.check_float("query", query)
+    ck.check_ndim("query", query, (3, 4), "[batch, q_len, num_heads, head_dim] (BTNH) or "
+                  "[q_len, num_heads, head_dim]")
+    unbatched = query.ndim == 3
     key, value = ck.as_array("key", key), ck.as_array("value", value)
+    if unbatched:
+        query = query[None]
+        key, value = (x[None] if getattr(x, "ndim", 0) == 3 else x for x in (key, value))
     b, _, n, d = query.shape
     for name, x in (("key", key), ("value", value)):
         ck.check_float(name, x)
@@ -81,46 +87,85 @@ def _check_qkv(query: Any, key: Any, value: Any, with_cache: bool):
     if with_cache and key.shape[1] != query.shape[1]:
         raise ValueError(f"with a cache, key/value are the new tokens: kv_len must equal "
                          f"query's q_len {query.shape[1]}, got {tuple(key.shape)}")
-    return query, key, value
+    return query, key, value, unbatched
 
 
-def _check_scale(scale: Any) -> float | None:
-    if scale is None:
-        return None
-    if isinstance(scale, jax.core.Tracer):
-        raise TypeError("scale must be a Python float (static), not a traced value")
+def _check_scale(scale: Any) -> Any:
+    """None, a Python float (compiled into the kernels) or a traced scalar (folded into q)."""
+    if scale is None or isinstance(scale, jax.core.Tracer):
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale must be a float or None, got {scale!r}")
     return float(scale)
 
 
+def _kernel_query(query: jax.Array, scale: Any) -> tuple[jax.Array, float | None]:
+    """The query as the kernels take it (fp16/bf16; float32 -> float16) and the static scale:
+    a traced ``scale`` is folded into the query (the kernels compile the scale in)."""
+    dt = query.dtype if query.dtype in (jnp.float16, jnp.bfloat16) else jnp.float16
+    if isinstance(scale, jax.core.Tracer):
+        return (query.astype(jnp.float32) * scale).astype(dt), 1.0
+    return query.astype(dt), scale
+
+
+def _dead_rows(b, t, s, n, mask, kv_len, causal, window) -> jax.Array | None:
+    """[B, N|1, T] rows that see no key (jax.nn gives them the mean of every value), or None
+    when no row can be empty."""
+    if mask is None and kv_len is None and window is None:
+        return None
+    keys, rows = jnp.arange(s)[None, None, None, :], jnp.arange(t)[None, None, :, None]
+    vis = jnp.ones((1, 1, t, s), bool) if mask is None else jnp.asarray(mask, bool)
+    vis = vis.reshape((1,) * (4 - vis.ndim) + vis.shape)
+    if kv_len is not None:
+        vis = vis & (keys < kv_len[:, None, None, None])
+    if causal:
+        vis = vis & (keys <= rows)
+    if window is not None:
+        vis = vis & (keys >= rows - window[0]) & (keys <= rows + window[1])
+    return ~jnp.any(vis, axis=-1)
+
+
 def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, mask: Any = None,
-                          *, scale: float | None = None, is_causal: bool = False,
+                          *, scale: Any = None, is_causal: bool = False,
                           query_seq_lengths: Any = None, key_value_seq_lengths: Any = None,
-                          local_window_size: Any = None, implementation: str | None = None,
+                          local_window_size: int | tuple[int, int] | None = None,
+                          implementation: str | None = None, return_residual: bool = False,
                           cache: TQ4Cache | DenseCache | None = None, layer: int | None = None,
-                          spec: TQ4Spec | None = None):
-    """``jax.nn.dot_product_attention`` on TQ4-compressed K/V.
+                          spec: TQ4Spec | None = None, logit_soft_cap: float | None = None,
+                          sinks: Any = None):
+    """``jax.nn.dot_product_attention`` on TQ4-compressed K/V, with jax.nn's arguments and
+    results (within 4-bit quantization error).
 
-    query [B, T, N, H], key/value [B, S, K, H] (BTNH; N % K == 0), fp16/bf16 query.
-
-    * ``cache`` given (with ``layer``): key/value are the T new tokens; they are stored after
-      each row's length (``query_seq_lengths`` [B]: valid new tokens of a right-padded batch)
-      and the query attends over the cache, causal with the new tokens last
-      (``is_causal=False``: every stored key). ``bias``, ``mask``, ``key_value_seq_lengths``
-      and ``local_window_size`` are not supported with a cache. Returns ``(out, cache)``.
-    * no cache: K/V are compressed with ``spec`` (default ``TQ4Spec(H)``) and attended by the
-      fused kernel; ``is_causal`` is top-left aligned as in jax.nn; ``query_seq_lengths`` zeroes
-      padded query rows. Returns ``out`` [B, T, N, H] in query's dtype.
-
-    ``implementation`` is accepted for signature compatibility: None or "tq4jax". Errors name
-    the arguments as this function takes them.
+    Args:
+      query: [B, T, N, H] (BTNH) or [T, N, H]; float16/bfloat16/float32 (float32 runs the
+        kernels in float16 and returns float32). key, value: [B, S, K, H] or [S, K, H],
+        N % K == 0.
+      bias, mask: as jax.nn (broadcastable to [B, N, T, S]; mask True = attend).
+      scale: softmax scale; a traced value is folded into the query. is_causal: top-left
+        causal mask as jax.nn. query_seq_lengths / key_value_seq_lengths: [B] int.
+      local_window_size: int or (left, right): query t sees keys [t - left, t + right].
+      implementation: None or "tq4jax" (the kernels on a GPU, the reference elsewhere),
+        "xla" (the pure-jnp reference path); "cudnn" is refused (no cuDNN path here).
+      return_residual: refused (True): the kernels return no log-sum-exp.
+      cache, layer: a :class:`TQ4Cache` (or :class:`DenseCache`) and the layer index: key and
+        value are the T new tokens; they are stored after each row's length
+        (``query_seq_lengths``: the valid new tokens of a right-padded batch) and the query
+        attends over the cache, causal with the new tokens last (``is_causal=False``: every
+        stored key). ``bias``, ``mask`` and ``key_value_seq_lengths`` are refused with a cache.
+      spec: the compression without a cache (default ``TQ4Spec(H)``).
+      logit_soft_cap, sinks: logit soft-capping and per-head attention sinks (see
+        :func:`tq4jax.flash_attention`).
+    Returns:
+      ``out`` in query's shape and dtype; with a cache ``(out, cache)``. As jax.nn: padded
+      query rows give 0, rows that see no key give the mean of the values.
     """
-    if implementation not in (None, "tq4jax"):
-        raise ValueError(f"implementation must be None or 'tq4jax', got {implementation!r}")
-    if local_window_size is not None:
-        raise ValueError("local_window_size is not supported by tq4jax attention")
-    query, key, value = _check_qkv(query, key, value, cache is not None)
+    if implementation not in (None, "tq4jax", "xla"):
+        raise ValueError(f"implementation must be None, 'tq4jax' or 'xla' (the reference "
+                         f"path), got {implementation!r}")
+    if return_residual:
+        raise ValueError("return_residual=True is not supported by tq4jax attention")
+    impl = "reference" if implementation == "xla" else "auto"
+    query, key, value, unbatched = _check_qkv(query, key, value, cache is not None)
     b, t, n, d = query.shape
     s = key.shape[1]
     scale = _check_scale(scale)
@@ -129,6 +174,9 @@ def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, ma
     want = (b, n, t, s)
     bias = _check_broadcast("bias", bias, want, "float")
     mask = _check_broadcast("mask", mask, want, "bool")
+    extras = dict(local_window_size=local_window_size, logit_soft_cap=logit_soft_cap,
+                  sinks=sinks)
+    q_kernel, kscale = _kernel_query(query, scale)
     if cache is not None:
         if layer is None:
             raise ValueError("layer is required with a cache")
@@ -136,25 +184,36 @@ def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, ma
             if x is not None:
                 raise ValueError(f"{name} is not supported with a cache (it tracks lengths)")
         cache = cache.update(layer, key, value, q_lens)
-        out = cache.attend(layer, query, q_lens, scale=scale, is_causal=is_causal)
-        return out.astype(query.dtype), cache
+        out = cache.attend(layer, q_kernel, q_lens, scale=kscale, is_causal=is_causal,
+                           **extras, **({} if isinstance(cache, DenseCache) else {"impl": impl}))
+        out = out.astype(query.dtype)
+        return (out[0] if unbatched else out), cache
     spec = TQ4Spec(d) if spec is None else spec
     rot = spec.rotation
     kp, kn, vp, vn = compress_kv(jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), rot,
-                                 spec.codebook("k")[1], spec.codebook("v")[1])
+                                 spec.codebook("k")[1], spec.codebook("v")[1], impl=impl)
     kv_len = jnp.full((b,), s, jnp.int32) if kv_lens is None else kv_lens
     am = _additive(bias, mask)
     if am is not None:
         am = am.reshape((1,) * (4 - am.ndim) + am.shape)
-    out = flash_attention_tq4_kv(jnp.swapaxes(query, 1, 2), kp, kn, vp, vn,
-                                 spec.codebook("k")[0], rot, scale, is_causal,
+    out = flash_attention_tq4_kv(jnp.swapaxes(q_kernel, 1, 2), kp, kn, vp, vn,
+                                 spec.codebook("k")[0], rot, kscale, is_causal,
                                  v_centroids=spec.codebook("v")[0], attention_mask=am,
-                                 kv_lengths=kv_len, q_offsets=jnp.zeros((b,), jnp.int32))
-    out = jnp.swapaxes(out, 1, 2)
+                                 kv_lengths=kv_len, q_offsets=jnp.zeros((b,), jnp.int32),
+                                 impl=impl, **extras)
+    out = jnp.swapaxes(out, 1, 2).astype(query.dtype)  # [B, T, N, H]
+    window = local_window_size
+    window = (window, window) if isinstance(window, (int, np.integer)) else window
+    dead = _dead_rows(b, t, s, n, mask, kv_lens, is_causal, window)
+    if dead is not None:  # jax.nn: softmax over all -large logits = the mean of every value
+        mean_v = jnp.repeat(jnp.mean(value.astype(jnp.float32), axis=1), n // key.shape[2],
+                            axis=1)  # [B, N, H]
+        dead = jnp.swapaxes(jnp.broadcast_to(dead, (b, dead.shape[1], t)), 1, 2)  # [B, T, N|1]
+        out = jnp.where(dead[..., None], mean_v[:, None].astype(out.dtype), out)
     if q_lens is not None:
         keep = jnp.arange(t)[None, :] < q_lens[:, None]
         out = jnp.where(keep[:, :, None, None], out, 0)
-    return out.astype(query.dtype)
+    return out[0] if unbatched else out
 
 
 def make_attention_fn(spec: TQ4Spec | None = None) -> Callable[..., jnp.ndarray]:
