@@ -32,6 +32,8 @@ def sdpa_ms(b: int, ctx: int) -> float:
         from attention import torch_ms
     except ImportError:
         return float("nan")
+    if not torch.cuda.is_available():
+        return float("nan")
     q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda") for _ in range(2))
     return torch_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
