@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from . import _checks as ck
@@ -208,11 +209,11 @@ _LENGTHS_DOC = """
       [B, H_Q, Sq, D] in q's dtype."""
 
 
-def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
-                    is_causal: bool = False, attention_mask: Any = None, *,
-                    kv_lengths: Any = None, q_offsets: Any = None,
+def flash_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, sm_scale: float | None = None,
+                    is_causal: bool = False, attention_mask: ArrayLike | None = None, *,
+                    kv_lengths: ArrayLike | None = None, q_offsets: ArrayLike | None = None,
                     local_window_size: int | tuple[int, int] | None = None,
-                    logit_soft_cap: float | None = None, sinks: Any = None,
+                    logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
                     config: Config | None = None, impl: str = "auto") -> jax.Array:
     """FlashAttention-2 forward on dense fp16/bf16 K/V with GQA, causal and additive masks.
 
@@ -231,12 +232,12 @@ def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None,
                 window=window, softcap=cap, sinks=sinks)
 
 
-def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: Any,
-                        rotation: Any, sm_scale: float | None = None, is_causal: bool = False,
-                        *, attention_mask: Any = None, kv_lengths: Any = None,
-                        q_offsets: Any = None,
+def flash_attention_tq4(q: ArrayLike, k_packed: ArrayLike, k_norms: ArrayLike, v: ArrayLike,
+                        centroids: ArrayLike, rotation: ArrayLike, sm_scale: float | None = None,
+                        is_causal: bool = False, *, attention_mask: ArrayLike | None = None,
+                        kv_lengths: ArrayLike | None = None, q_offsets: ArrayLike | None = None,
                         local_window_size: int | tuple[int, int] | None = None,
-                        logit_soft_cap: float | None = None, sinks: Any = None,
+                        logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
                         config: Config | None = None, impl: str = "auto") -> jax.Array:
     """Attention with TQ4-compressed K (decoded in the kernel) and dense fp16/bf16 V.
 
@@ -256,13 +257,14 @@ def flash_attention_tq4(q: Any, k_packed: Any, k_norms: Any, v: Any, centroids: 
                 impl=impl, window=window, softcap=cap, sinks=sinks)
 
 
-def flash_attention_tq4_kv(q: Any, k_packed: Any, k_norms: Any, v_packed: Any, v_norms: Any,
-                           centroids: Any, rotation: Any, sm_scale: float | None = None,
-                           is_causal: bool = False, v_centroids: Any = None, *,
-                           attention_mask: Any = None, kv_lengths: Any = None,
-                           q_offsets: Any = None,
+def flash_attention_tq4_kv(q: ArrayLike, k_packed: ArrayLike, k_norms: ArrayLike,
+                           v_packed: ArrayLike, v_norms: ArrayLike, centroids: ArrayLike,
+                           rotation: ArrayLike, sm_scale: float | None = None,
+                           is_causal: bool = False, v_centroids: ArrayLike | None = None, *,
+                           attention_mask: ArrayLike | None = None,
+                           kv_lengths: ArrayLike | None = None, q_offsets: ArrayLike | None = None,
                            local_window_size: int | tuple[int, int] | None = None,
-                           logit_soft_cap: float | None = None, sinks: Any = None,
+                           logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
                            config: Config | None = None, impl: str = "auto") -> jax.Array:
     """Attention with TQ4-compressed K and V, both decoded in the kernel.
 

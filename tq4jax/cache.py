@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 from jax.experimental import checkify
 
@@ -189,8 +190,9 @@ class TQ4Cache:
         b, h, c, _ = self.k_codes[0].shape
         return 2 * self.num_layers * b * h * c * self.spec.head_dim * jnp.dtype(dtype).itemsize
 
-    def update(self, layer: int, key: Any, value: Any, new_lengths: Any = None, *,
-               checked: bool = False, impl: str = "auto") -> "TQ4Cache":
+    def update(self, layer: int, key: ArrayLike, value: ArrayLike,
+               new_lengths: ArrayLike | None = None, *, checked: bool = False, impl: str = "auto"
+              ) -> "TQ4Cache":
         """Compress and store new tokens (BTNH [B, T, H_KV, D]) after each row's length.
 
         Overflow (a row's length + new tokens > capacity) is a ValueError when the lengths
@@ -220,10 +222,10 @@ class TQ4Cache:
         handed to a new one."""
         return dataclasses.replace(self, lengths=_reset(self.lengths, rows))
 
-    def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
+    def attend(self, layer: int, query: ArrayLike, new_lengths: ArrayLike | None = None, *,
                scale: float | None = None, is_causal: bool = True,
                local_window_size: int | tuple[int, int] | None = None,
-               logit_soft_cap: float | None = None, sinks: Any = None,
+               logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
                impl: str = "auto") -> jnp.ndarray:
         """Attention of the T tokens just stored (query BTNH [B, T, H_Q, D] fp16/bf16) over
         the layer's cache; returns BTNH in query's dtype. Query t of row b sits at position
@@ -277,8 +279,8 @@ class DenseCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for f in (self.k, self.v) for x in f)
 
-    def update(self, layer: int, key: Any, value: Any, new_lengths: Any = None, *,
-               checked: bool = False) -> "DenseCache":
+    def update(self, layer: int, key: ArrayLike, value: ArrayLike,
+               new_lengths: ArrayLike | None = None, *, checked: bool = False) -> "DenseCache":
         """As :meth:`TQ4Cache.update` (same overflow rule), stored in fp16."""
         layer = _check_layer(layer, self.num_layers)
         b, c, h, d = self.k[layer].shape
@@ -294,10 +296,10 @@ class DenseCache:
         """As :meth:`TQ4Cache.reset`."""
         return dataclasses.replace(self, lengths=_reset(self.lengths, rows))
 
-    def attend(self, layer: int, query: Any, new_lengths: Any = None, *,
+    def attend(self, layer: int, query: ArrayLike, new_lengths: ArrayLike | None = None, *,
                scale: float | None = None, is_causal: bool = True,
                local_window_size: int | tuple[int, int] | None = None,
-               logit_soft_cap: float | None = None, sinks: Any = None) -> jnp.ndarray:
+               logit_soft_cap: float | None = None, sinks: ArrayLike | None = None) -> jnp.ndarray:
         """As :meth:`TQ4Cache.attend`, on the dense K/V (``jax.nn.dot_product_attention``:
         no soft cap, no sinks)."""
         if logit_soft_cap is not None or sinks is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from . import _checks as ck
 from . import pallas_triton as triton
@@ -35,8 +36,8 @@ def _tiling(op: str, config: CodecConfig | None, path: str) -> CodecConfig:
     return config
 
 
-def compress(x: Any, rotation: Any, boundaries: Any, *, config: CodecConfig | None = None,
-             impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+def compress(x: ArrayLike, rotation: ArrayLike, boundaries: ArrayLike, *,
+             config: CodecConfig | None = None, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Quantize vectors to 4-bit TQ4 codes.
 
     Args:
@@ -54,8 +55,8 @@ def compress(x: Any, rotation: Any, boundaries: Any, *, config: CodecConfig | No
     return packed, norms
 
 
-def compress_kv(key: Any, value: Any, rotation: Any, k_boundaries: Any,
-                v_boundaries: Any = None, *, config: CodecConfig | None = None,
+def compress_kv(key: ArrayLike, value: ArrayLike, rotation: ArrayLike, k_boundaries: ArrayLike,
+                v_boundaries: ArrayLike | None = None, *, config: CodecConfig | None = None,
                 impl: str = "auto") -> tuple[jax.Array, ...]:
     """:func:`compress` of keys and values in one kernel launch (a KV-cache update).
 
@@ -108,8 +109,8 @@ def _decode_args(packed, norms, centroids, dtype):
     return packed.reshape(-1, h), norms.reshape(-1), centroids, dtype, lead
 
 
-def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16, *,
-               config: CodecConfig | None = None, impl: str = "auto") -> jax.Array:
+def decompress(packed: ArrayLike, norms: ArrayLike, centroids: ArrayLike, dtype: Any = jnp.float16,
+               *, config: CodecConfig | None = None, impl: str = "auto") -> jax.Array:
     """TQ4 codes -> vectors in rotated space.
 
     Args:
@@ -129,7 +130,7 @@ def decompress(packed: Any, norms: Any, centroids: Any, dtype: Any = jnp.float16
     return y.reshape(lead + (y.shape[-1],))
 
 
-def dequantize(packed: Any, norms: Any, centroids: Any, rotation: Any,
+def dequantize(packed: ArrayLike, norms: ArrayLike, centroids: ArrayLike, rotation: ArrayLike,
                dtype: Any = jnp.float16, *, config: CodecConfig | None = None,
                impl: str = "auto") -> jax.Array:
     """TQ4 codes -> vectors in original space, ``(centroids[idx] * norm) @ Pi``.

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from . import _checks as ck
@@ -125,14 +126,16 @@ def _dead_rows(b, t, s, n, mask, kv_len, causal, window) -> jax.Array | None:
     return ~jnp.any(vis, axis=-1)
 
 
-def dot_product_attention(query: Any, key: Any, value: Any, bias: Any = None, mask: Any = None,
-                          *, scale: Any = None, is_causal: bool = False,
-                          query_seq_lengths: Any = None, key_value_seq_lengths: Any = None,
+def dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                          bias: ArrayLike | None = None, mask: ArrayLike | None = None, *,
+                          scale: Any = None, is_causal: bool = False,
+                          query_seq_lengths: ArrayLike | None = None,
+                          key_value_seq_lengths: ArrayLike | None = None,
                           local_window_size: int | tuple[int, int] | None = None,
                           implementation: str | None = None, return_residual: bool = False,
                           cache: TQ4Cache | DenseCache | None = None, layer: int | None = None,
                           spec: TQ4Spec | None = None, logit_soft_cap: float | None = None,
-                          sinks: Any = None):
+                          sinks: ArrayLike | None = None):
     """``jax.nn.dot_product_attention`` on TQ4-compressed K/V, with jax.nn's arguments and
     results (within 4-bit quantization error).
 

@@ -11,10 +11,9 @@ side must use the codebook and rotation the cache was written with.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 from jax import lax
 
 from . import _checks as ck
@@ -56,8 +55,9 @@ def _scatter_rows(kv_cache: jax.Array, rows: jax.Array, slot_mapping: jax.Array)
     return flat.reshape(nb, bs, tb)
 
 
-def paged_write(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, rotation: Any,
-                k_boundaries: Any, v_boundaries: Any = None, *, total_bytes: int | None = None,
+def paged_write(kv_cache: ArrayLike, key: ArrayLike, value: ArrayLike, slot_mapping: ArrayLike,
+                rotation: ArrayLike, k_boundaries: ArrayLike,
+                v_boundaries: ArrayLike | None = None, *, total_bytes: int | None = None,
                 impl: str = "auto") -> jax.Array:
     """Compress new tokens and store them in a paged TQ4 cache; returns the updated cache.
 
@@ -123,11 +123,11 @@ def _check_read(q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, bloc
             ck.check_rotation(rotation, head_dim), raw)
 
 
-def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroids: Any,
-                 rotation: Any, *, num_kv_heads: int, head_dim: int, block_size: int,
-                 sm_scale: float | None = None, v_centroids: Any = None,
-                 total_bytes: int | None = None, config: Config | None = None,
-                 impl: str = "auto") -> jax.Array:
+def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
+                 centroids: ArrayLike, rotation: ArrayLike, *, num_kv_heads: int, head_dim: int,
+                 block_size: int, sm_scale: float | None = None,
+                 v_centroids: ArrayLike | None = None, total_bytes: int | None = None,
+                 config: Config | None = None, impl: str = "auto") -> jax.Array:
     """One query per sequence against a paged TQ4 cache.
 
     Args:
@@ -167,12 +167,12 @@ def paged_decode(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, centroi
         cfg=cfg, mode=kernel_mode(), norm_words=PAGED_DECODE_NORM_WORDS)
 
 
-def paged_prefill(q: Any, kv_cache: Any, block_table: Any, seq_lens: Any, query_start_loc: Any,
-                  centroids: Any, rotation: Any, *, num_kv_heads: int, head_dim: int,
-                  block_size: int, sm_scale: float | None = None,
-                  use_int8_qk: bool | None = None, v_centroids: Any = None,
-                  total_bytes: int | None = None, config: Config | None = None,
-                  impl: str = "auto") -> jax.Array:
+def paged_prefill(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
+                  query_start_loc: ArrayLike, centroids: ArrayLike, rotation: ArrayLike, *,
+                  num_kv_heads: int, head_dim: int, block_size: int, sm_scale: float | None = None,
+                  use_int8_qk: bool | None = None, v_centroids: ArrayLike | None = None,
+                  total_bytes: int | None = None, config: Config | None = None, impl: str = "auto"
+                 ) -> jax.Array:
     """Causal attention of the new tokens of many sequences against a paged TQ4 cache that
     already holds them (write them with :func:`paged_write` first).
 

@@ -11,10 +11,9 @@ Keys live in rotated space (``y = k @ Pi^T``); values are not rotated. ``Pi`` an
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from .. import pallas_triton as triton
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
@@ -42,9 +41,9 @@ def _scatter_slots(kv_cache: jax.Array, slots: jax.Array, slot_mapping: jax.Arra
 
 
 
-def turboquant_store(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, Pi: Any,
-                     centroids: Any, mse_bits: int, key_packed_size: int,
-                     value_quant_bits: int, key_fp8: bool = False, *,
+def turboquant_store(kv_cache: ArrayLike, key: ArrayLike, value: ArrayLike,
+                     slot_mapping: ArrayLike, Pi: ArrayLike, centroids: ArrayLike, mse_bits: int,
+                     key_packed_size: int, value_quant_bits: int, key_fp8: bool = False, *,
                      config: CodecConfig | None = None, impl: str = "auto") -> jax.Array:
     """Quantize new tokens into a vLLM TurboQuant cache; returns the updated cache.
 
@@ -76,11 +75,12 @@ def turboquant_store(kv_cache: Any, key: Any, value: Any, slot_mapping: Any, Pi:
     return _scatter_slots(kv_cache, rows, slots)
 
 
-def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any, Pi: Any,
-                      centroids: Any, scale: float, mse_bits: int, key_packed_size: int,
-                      value_quant_bits: int, key_fp8: bool = False,
-                      norm_correction: bool = False, max_num_kv_splits: int = 32, *,
-                      config: DecodeConfig | None = None, impl: str = "auto") -> jax.Array:
+def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike,
+                      seq_lens: ArrayLike, Pi: ArrayLike, centroids: ArrayLike, scale: float,
+                      mse_bits: int, key_packed_size: int, value_quant_bits: int,
+                      key_fp8: bool = False, norm_correction: bool = False,
+                      max_num_kv_splits: int = 32, *, config: DecodeConfig | None = None,
+                      impl: str = "auto") -> jax.Array:
     """One query per sequence against a vLLM TurboQuant cache.
 
     Args:
@@ -113,12 +113,12 @@ def turboquant_decode(query: Any, kv_cache: Any, block_table: Any, seq_lens: Any
                               cfg=config or vllm_decode_config(lay), mode=kernel_mode())
 
 
-def full_dequant_kv(kv_cache: Any, block_table: Any, seq_lens: Any, centroids: Any,
-                    mse_bits: int, key_packed_size: int, value_quant_bits: int,
-                    key_fp8: bool = False, norm_correction: bool = False, *,
+def full_dequant_kv(kv_cache: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
+                    centroids: ArrayLike, mse_bits: int, key_packed_size: int,
+                    value_quant_bits: int, key_fp8: bool = False, norm_correction: bool = False, *,
                     head_dim: int | None = None, max_seq: int | None = None,
-                    config: CodecConfig | None = None,
-                    impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+                    config: CodecConfig | None = None, impl: str = "auto"
+                   ) -> tuple[jax.Array, jax.Array]:
     """Dequantize every cached token (continuation prefill).
 
     Args:
