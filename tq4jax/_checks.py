@@ -215,3 +215,14 @@ def check_static_bool(name: str, x: Any) -> bool:
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool, got {x!r}")
     return bool(x)
+
+
+def check_batch_ints(name: str, x: Any, b: int) -> jnp.ndarray:
+    """An integer array of shape (b,) (one value per batch row), as int32."""
+    x = as_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if x.shape != (b,):
+        raise ValueError(f"{name} must have shape ({b},) (one per batch row), got "
+                         f"{tuple(x.shape)}")
+    return x.astype(jnp.int32)

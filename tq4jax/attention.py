@@ -97,13 +97,7 @@ def _check_lengths(kv_lengths: Any, q_offsets: Any, q: jax.Array) -> jax.Array |
         if x is None:
             out.append(out[0] - sq)
             continue
-        x = ck.as_array(name, x)
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
-        if x.shape != (b,):
-            raise ValueError(f"{name} must have shape ({b},) (one per batch row), "
-                             f"got {tuple(x.shape)}")
-        out.append(x.astype(jnp.int32))
+        out.append(ck.check_batch_ints(name, x, b))
     return jnp.concatenate(out)
 
 

@@ -36,15 +36,7 @@ def _additive(bias: Any, mask: Any) -> jnp.ndarray | None:
 
 def _check_lengths(name: str, x: Any, b: int) -> jnp.ndarray | None:
     """``query_seq_lengths`` / ``key_value_seq_lengths``: int [B] or None."""
-    if x is None:
-        return None
-    x = ck.as_array(name, x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
-    if x.shape != (b,):
-        raise ValueError(f"{name} must have shape ({b},) (one per batch row of query), got "
-                         f"{tuple(x.shape)}")
-    return x.astype(jnp.int32)
+    return None if x is None else ck.check_batch_ints(name, x, b)
 
 
 def _check_broadcast(name: str, x: Any, want: tuple, kind: str) -> jnp.ndarray | None:
