@@ -132,3 +132,38 @@ def test_extras_bad_input(rng):
             tq.flash_attention(q, k, v, logit_soft_cap=bad)
     with pytest.raises(ValueError, match=r"sinks must have shape \(4,\)"):
         tq.flash_attention(q, k, v, sinks=jnp.zeros((2,)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_extras(rng, impl):
+    """Paged decode and chunked prefill with a window, a soft cap and sinks: the kernel against
+    the reference, and decode against the contiguous op on the same tokens (the window counts
+    positions the same way)."""
+    from test_paged import _prefill_inputs, _setup
+    lens = [70, 33]
+    t = _setup(rng, lens, 4, 2, 64, 16, jnp.float16)
+    cache = tq.paged_write(t["cache"], t["key"], t["val"], t["slot"], t["rot"], t["bnd"])
+    sinks = jnp.asarray(rng.standard_normal(4), jnp.float32)
+    kw = dict(**t["kw"], local_window_size=(20, 0), logit_soft_cap=4.0, sinks=sinks)
+    got = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **kw,
+                          impl=impl)
+    want = tq.paged_decode(t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"], **kw,
+                           impl="reference")
+    assert rel_l2(got, want) < 1e-2
+    start = np.concatenate([[0], np.cumsum(lens)])
+    for s, n in enumerate(lens):
+        kp, kn = tq.compress(t["key"][start[s]:start[s + 1]], t["rot"], t["bnd"],
+                             impl="reference")
+        vp, vn = tq.compress(t["val"][start[s]:start[s + 1]], t["rot"], t["bnd"],
+                             impl="reference")
+        bhsd = lambda x: jnp.swapaxes(x, 0, 1)[None]  # noqa: E731
+        contiguous = tq.flash_attention_tq4_kv(
+            t["q"][s][None, :, None], *map(bhsd, (kp, kn, vp, vn)), t["cent"], t["rot"],
+            is_causal=True, local_window_size=(20, 0), logit_soft_cap=4.0, sinks=sinks,
+            impl="reference")
+        assert rel_l2(np.asarray(want)[s], np.asarray(contiguous)[0, :, 0]) < 1e-2
+    q, qsl = _prefill_inputs(rng, t, lens, [12, 5], 4, 64, jnp.float16)
+    args = (q, cache, t["table"], t["lens"], qsl, t["cent"], t["rot"])
+    got, want = (tq.paged_prefill(*args, **kw, use_int8_qk=False, impl=i)
+                 for i in (impl, "reference"))
+    assert rel_l2(got, want) < 1e-2

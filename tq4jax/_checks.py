@@ -226,3 +226,35 @@ def check_batch_ints(name: str, x: Any, b: int) -> jnp.ndarray:
         raise ValueError(f"{name} must have shape ({b},) (one per batch row), got "
                          f"{tuple(x.shape)}")
     return x.astype(jnp.int32)
+
+
+def check_attention_extras(num_heads: int, local_window_size: Any, logit_soft_cap: Any,
+                           sinks: Any):
+    """Sliding window, soft cap and sinks of an attention op -> (window (left, right) or None,
+    soft cap or None, sinks f32 [num_heads] or None)."""
+    window = None
+    if local_window_size is not None:
+        w = local_window_size
+        w = (w, w) if isinstance(w, (int, np.integer)) and not isinstance(w, bool) else w
+        if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(
+                isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
+                for x in w)):
+            raise ValueError(f"local_window_size must be an int >= 0 or a (left, right) pair "
+                             f"of them, got {local_window_size!r}")
+        window = (int(w[0]), int(w[1]))
+    cap = None
+    if logit_soft_cap is not None:
+        if isinstance(logit_soft_cap, jax.core.Tracer) or isinstance(logit_soft_cap, bool) \
+                or not isinstance(logit_soft_cap, (int, float, np.floating)) \
+                or not logit_soft_cap > 0:
+            raise ValueError(f"logit_soft_cap must be a positive Python float (static), got "
+                             f"{logit_soft_cap!r}")
+        cap = float(logit_soft_cap)
+    if sinks is not None:
+        sinks = as_array("sinks", sinks)
+        check_float("sinks", sinks)
+        if sinks.shape != (num_heads,):
+            raise ValueError(f"sinks must have shape ({num_heads},) (one logit per query "
+                             f"head), got {tuple(sinks.shape)}")
+        sinks = sinks.astype(jnp.float32)
+    return window, cap, sinks

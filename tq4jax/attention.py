@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-import numpy as np
 
 from . import _checks as ck
 from . import pallas_triton as triton
@@ -99,36 +98,6 @@ def _check_lengths(kv_lengths: Any, q_offsets: Any, q: jax.Array) -> jax.Array |
             continue
         out.append(ck.check_batch_ints(name, x, b))
     return jnp.concatenate(out)
-
-
-def _check_extras(q: jax.Array, local_window_size: Any, logit_soft_cap: Any, sinks: Any):
-    """-> (window (left, right) or None, soft cap or None, sinks f32 [H_Q] or None)."""
-    window = None
-    if local_window_size is not None:
-        w = local_window_size
-        w = (w, w) if isinstance(w, (int, np.integer)) and not isinstance(w, bool) else w
-        if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(
-                isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
-                for x in w)):
-            raise ValueError(f"local_window_size must be an int >= 0 or a (left, right) pair "
-                             f"of them, got {local_window_size!r}")
-        window = (int(w[0]), int(w[1]))
-    cap = None
-    if logit_soft_cap is not None:
-        if isinstance(logit_soft_cap, jax.core.Tracer) or isinstance(logit_soft_cap, bool) \
-                or not isinstance(logit_soft_cap, (int, float, np.floating)) \
-                or not logit_soft_cap > 0:
-            raise ValueError(f"logit_soft_cap must be a positive Python float (static), got "
-                             f"{logit_soft_cap!r}")
-        cap = float(logit_soft_cap)
-    if sinks is not None:
-        sinks = ck.as_array("sinks", sinks)
-        ck.check_float("sinks", sinks)
-        if sinks.shape != (q.shape[1],):
-            raise ValueError(f"sinks must have shape ({q.shape[1]},) (one logit per query "
-                             f"head), got {tuple(sinks.shape)}")
-        sinks = sinks.astype(jnp.float32)
-    return window, cap, sinks
 
 
 def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
@@ -219,7 +188,8 @@ def flash_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, sm_scale: float | 
     q = _check_q(q)
     k = _check_kv("k", k, q, q.shape[-1], dtype=q.dtype)
     v = _check_kv("v", v, q, q.shape[-1], k, dtype=q.dtype)
-    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
+    window, cap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
+                                                   logit_soft_cap, sinks)
     return _run(q, k, v, None, _check_mask(attention_mask, q, k.shape[2]),
                 _check_lengths(kv_lengths, q_offsets, q), causal=bool(is_causal),
                 scale=default_scale(q.shape[-1], sm_scale), config=config, impl=impl,
@@ -242,7 +212,8 @@ def flash_attention_tq4(q: ArrayLike, k_packed: ArrayLike, k_norms: ArrayLike, v
     q = _check_q(q)
     k_packed, k_norms = _check_codes("k_packed", "k_norms", k_packed, k_norms, q)
     v = _check_kv("v", v, q, q.shape[-1], k_packed, dtype=q.dtype)
-    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
+    window, cap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
+                                                   logit_soft_cap, sinks)
     return _run(q, (k_packed, k_norms, ck.check_centroids(centroids)), v,
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),
@@ -274,7 +245,8 @@ def flash_attention_tq4_kv(q: ArrayLike, k_packed: ArrayLike, k_norms: ArrayLike
     v_packed, v_norms = _check_codes("v_packed", "v_norms", v_packed, v_norms, q, k_packed)
     centroids = ck.check_centroids(centroids)
     vc = centroids if v_centroids is None else ck.check_centroids(v_centroids, "v_centroids")
-    window, cap, sinks = _check_extras(q, local_window_size, logit_soft_cap, sinks)
+    window, cap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
+                                                   logit_soft_cap, sinks)
     return _run(q, (k_packed, k_norms, centroids), (v_packed, v_norms, vc),
                 ck.check_rotation(rotation, q.shape[-1]),
                 _check_mask(attention_mask, q, k_packed.shape[2]),

@@ -127,6 +127,8 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
                  centroids: ArrayLike, rotation: ArrayLike, *, num_kv_heads: int, head_dim: int,
                  block_size: int, sm_scale: float | None = None,
                  v_centroids: ArrayLike | None = None, total_bytes: int | None = None,
+                 local_window_size: int | tuple[int, int] | None = None,
+                 logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
                  config: Config | None = None, impl: str = "auto") -> jax.Array:
     """One query per sequence against a paged TQ4 cache.
 
@@ -139,6 +141,8 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
       num_kv_heads, head_dim, block_size: the cache's shape (static ints).
       sm_scale: softmax scale (None = 1/sqrt(D)); config: Triton tiling
         (:class:`~tq4jax.pallas_triton.tuning.Config`, None = measured default).
+      local_window_size, logit_soft_cap, sinks: sliding window (relative to each query's
+        position), logit soft cap, per-head sink logits [H_Q], as :func:`tq4jax.flash_attention`.
     Returns:
       [S, H_Q, D] in q's dtype.
     """
@@ -146,13 +150,16 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
         q, kv_cache, block_table, seq_lens, num_kv_heads, head_dim, block_size, total_bytes,
         centroids, v_centroids, rotation, per_token=False)
     scale = default_scale(head_dim, sm_scale)
+    window, softcap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
+                                                   logit_soft_cap, sinks)
     path = resolve_impl(impl)
     config = check_config(config, Config, path, "paged_decode")
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
         return to_dtype(ref.paged_decode(q, kv_cache, block_table, seq_lens, cent, v_cent,
-                                         rotation, num_kv_heads, head_dim, scale), q.dtype)
+                                         rotation, num_kv_heads, head_dim, scale, window, softcap,
+                                         sinks), q.dtype)
     ck.check_cache_size(kv_cache)
     k_table, k_lut = codebook_parts(cent, q.dtype, raw[0])
     v_table, v_lut = codebook_parts(v_cent, q.dtype, raw[1])
@@ -163,16 +170,19 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
                   prefetch_norms=PAGED_DECODE_PREFETCH)
     return triton.paged.paged_attention(
         q, kv_cache, block_table, seq_lens, None, k_table, v_table,
-        rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut, v_lut=v_lut, scale=scale,
-        cfg=cfg, mode=kernel_mode(), norm_words=PAGED_DECODE_NORM_WORDS)
+        rotation_parts(rotation, q.dtype), sinks, paged=paged, k_lut=k_lut, v_lut=v_lut,
+        scale=scale, cfg=cfg, mode=kernel_mode(), norm_words=PAGED_DECODE_NORM_WORDS,
+        window=window, softcap=softcap)
 
 
 def paged_prefill(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
                   query_start_loc: ArrayLike, centroids: ArrayLike, rotation: ArrayLike, *,
                   num_kv_heads: int, head_dim: int, block_size: int, sm_scale: float | None = None,
                   use_int8_qk: bool | None = None, v_centroids: ArrayLike | None = None,
-                  total_bytes: int | None = None, config: Config | None = None, impl: str = "auto"
-                 ) -> jax.Array:
+                  total_bytes: int | None = None,
+                  local_window_size: int | tuple[int, int] | None = None,
+                  logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
+                  config: Config | None = None, impl: str = "auto") -> jax.Array:
     """Causal attention of the new tokens of many sequences against a paged TQ4 cache that
     already holds them (write them with :func:`paged_write` first).
 
@@ -198,14 +208,16 @@ def paged_prefill(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq
                          f"(num_seqs + 1), got {tuple(qsl.shape)}")
     int8 = INT8_QK_DEFAULT if use_int8_qk is None else bool(use_int8_qk)
     scale = default_scale(head_dim, sm_scale)
+    window, softcap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
+                                                   logit_soft_cap, sinks)
     path = resolve_impl(impl)
     config = check_config(config, Config, path, "paged_prefill")
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
         return to_dtype(ref.paged_prefill(q, kv_cache, block_table, seq_lens, qsl, cent,
-                                          v_cent, rotation, num_kv_heads, head_dim, scale),
-                        q.dtype)
+                                          v_cent, rotation, num_kv_heads, head_dim, scale,
+                                          window, softcap, sinks), q.dtype)
     ck.check_cache_size(kv_cache)
     if int8:
         k_table, k_lut = int8_parts(cent, raw[0])
@@ -220,8 +232,8 @@ def paged_prefill(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq
     paged = Paged(block_size, num_kv_heads, paged_layout(num_kv_heads, head_dim))
     return triton.paged.paged_attention(
         q, kv_cache, block_table, seq_lens, qsl, k_table, v_table,
-        rotation_parts(rotation, q.dtype), paged=paged, k_lut=k_lut, v_lut=v_lut, scale=scale,
-        cfg=cfg, mode=kernel_mode(), int8_qk=int8)
+        rotation_parts(rotation, q.dtype), sinks, paged=paged, k_lut=k_lut, v_lut=v_lut,
+        scale=scale, cfg=cfg, mode=kernel_mode(), int8_qk=int8, window=window, softcap=softcap)
 
 
 paged_write_reference = reference_of(paged_write)

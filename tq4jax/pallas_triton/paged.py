@@ -57,16 +57,19 @@ def schedule_blocks(n_tokens: int, n_seqs: int, group: int, block_m: int) -> int
 
 
 @partial(jax.jit, static_argnames=("paged", "k_lut", "v_lut", "scale", "cfg", "mode",
-                                   "int8_qk", "norm_words"))
+                                   "int8_qk", "norm_words", "window", "softcap"))
 def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
                     seq_lens: jnp.ndarray, query_start_loc: jnp.ndarray | None,
-                    k_table: jnp.ndarray, v_table: jnp.ndarray, rot: Rotation, *, paged: Paged,
-                    k_lut: Any, v_lut: Any, scale: float, cfg: Config, mode: KernelMode,
-                    int8_qk: bool = False, norm_words: bool = False) -> jnp.ndarray:
+                    k_table: jnp.ndarray, v_table: jnp.ndarray, rot: Rotation,
+                    sinks: jnp.ndarray | None = None, *, paged: Paged, k_lut: Any, v_lut: Any,
+                    scale: float, cfg: Config, mode: KernelMode, int8_qk: bool = False,
+                    norm_words: bool = False, window: tuple[int, int] | None = None,
+                    softcap: float | None = None) -> jnp.ndarray:
     """q [N, H_Q, D] (the queries of every sequence, back to back) -> [N, H_Q, D] in q's
     dtype; tokens outside ``query_start_loc``'s ranges give zeros. ``query_start_loc`` None:
     decode (token s is sequence s's last position; the schedule is static). ``norm_words``:
-    norms load as float32 words from a bitcast view of the cache."""
+    norms load as float32 words from a bitcast view of the cache. ``window``, ``softcap``,
+    ``sinks`` [H_Q]: as :class:`~.attention.AttnSpec` and :func:`~.attention.finish`."""
     n, hq, d = q.shape
     hkv, bs = paged.num_kv_heads, paged.block_size
     group, splits, n_seqs = hq // hkv, cfg.splits, seq_lens.shape[0]
@@ -92,14 +95,17 @@ def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndar
     q_rot = tuple(rot.q_halves) if in_kernel else None
     post = tuple(rot.post) if in_kernel else None
     args = (q.reshape(rows, d), q_rot, src, None, post, None, None)
-    out_dt = q.dtype if in_kernel else jnp.float32
+    out_dt = q.dtype if in_kernel and sinks is None else jnp.float32
     if splits == 1:
         out_shape = (jax.ShapeDtypeStruct((rows, d), out_dt),)
+        if sinks is not None:
+            out_shape += (jax.ShapeDtypeStruct((rows,), jnp.float32),)
     else:
         out_shape = (jax.ShapeDtypeStruct((splits * rows, d), jnp.float32),
                      jax.ShapeDtypeStruct((splits * rows,), jnp.float32))
     spec = AttnSpec(cfg, group, n, cap, d, scale * LOG2E, True, k_lut=k_lut, v_lut=v_lut,
-                    rot_q=in_kernel, post=in_kernel, paged=paged, int8_qk=int8_qk)
+                    rot_q=in_kernel, post=in_kernel, paged=paged, int8_qk=int8_qk,
+                    window=window, softcap=softcap)
     outs = pallas_call(partial(attn_kernel, spec=spec), mode=mode,
                        grid=(n_blocks, hkv, splits), out_shape=out_shape,
                        in_specs=jax.tree.map(whole_spec, args),
@@ -108,7 +114,7 @@ def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndar
     if splits > 1:
         outs = (outs[0].reshape(splits, rows, d), outs[1].reshape(splits, rows))
     out = finish(outs, (n, hq, d), q.dtype, 0 if splits > 1 else None,
-                 None if in_kernel else rot.pi)
+                 None if in_kernel else rot.pi, sinks)
     if decode:
         return out
     t = jnp.arange(n)

@@ -111,22 +111,36 @@ def _paged_kv(kv_cache, block_table, seq_lens, centroids, v_centroids, rotation,
     return k, v, valid
 
 
+def _window_ok(keys: jnp.ndarray, at: jnp.ndarray, window: tuple[int, int] | None):
+    """Keys a query at position ``at`` sees inside ``window`` (left, right); all without."""
+    if window is None:
+        return True
+    return (keys >= at - window[0]) & (keys <= at + window[1])
+
+
 def paged_decode(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
                  seq_lens: jnp.ndarray, centroids: jnp.ndarray, v_centroids: jnp.ndarray,
-                 rotation: jnp.ndarray, num_kv_heads: int, head_dim: int,
-                 scale: float) -> jnp.ndarray:
+                 rotation: jnp.ndarray, num_kv_heads: int, head_dim: int, scale: float,
+                 window: tuple[int, int] | None = None, softcap: float | None = None,
+                 sinks: jnp.ndarray | None = None) -> jnp.ndarray:
     """q [S, H_Q, D], one query per sequence at its last position -> float32 [S, H_Q, D];
-    sequences of length 0 give zeros."""
+    sequences of length 0 give zeros (window, softcap, sinks: see :func:`attention`)."""
     k, v, valid = _paged_kv(kv_cache, block_table, seq_lens, centroids, v_centroids,
                             rotation, num_kv_heads, head_dim)
+    keys = jnp.arange(valid.shape[1])[None, :]
+    at = (jnp.clip(seq_lens, 0, valid.shape[1]) - 1)[:, None]
+    valid = valid & _window_ok(keys, at, window)
     mask = jnp.where(valid, 0.0, -jnp.inf)[:, None, None, :]  # [S, 1, 1, T]
-    return attention(q[:, :, None, :], k, v, scale, False, mask)[:, :, 0, :]
+    return attention(q[:, :, None, :], k, v, scale, False, mask, softcap,
+                     sinks)[:, :, 0, :]
 
 
 def paged_prefill(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
                   seq_lens: jnp.ndarray, query_start_loc: jnp.ndarray, centroids: jnp.ndarray,
                   v_centroids: jnp.ndarray, rotation: jnp.ndarray, num_kv_heads: int,
-                  head_dim: int, scale: float) -> jnp.ndarray:
+                  head_dim: int, scale: float, window: tuple[int, int] | None = None,
+                  softcap: float | None = None,
+                  sinks: jnp.ndarray | None = None) -> jnp.ndarray:
     """Token t of sequence s (``query_start_loc[s] <= t < query_start_loc[s+1]``) is position
     ``seq_lens[s] - q_len_s + (t - query_start_loc[s])`` and sees the keys up to it; tokens
     outside every sequence give zeros. Returns float32 [N, H_Q, D]."""
@@ -142,5 +156,7 @@ def paged_prefill(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarra
     at = seq_len - q_len + (t - query_start_loc[seq])
     keys = jnp.arange(cap)[None, :]
     visible = inside[:, None] & (keys < seq_len[:, None]) & (keys <= at[:, None])
+    visible = visible & _window_ok(keys, at[:, None], window)
     mask = jnp.where(visible, 0.0, -jnp.inf)[:, None, None, :]  # [N, 1, 1, T]
-    return attention(q[:, :, None, :], k[seq], v[seq], scale, False, mask)[:, :, 0, :]
+    return attention(q[:, :, None, :], k[seq], v[seq], scale, False, mask, softcap,
+                     sinks)[:, :, 0, :]
