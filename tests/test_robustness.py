@@ -85,6 +85,26 @@ def test_near_fp16_limit_saturates_on_both_paths(rng):
         np.testing.assert_allclose(ker, ref, rtol=2e-3, atol=0)
 
 
+def test_fp16_subnormal_outputs_agree_on_both_paths(rng):
+    """Outputs below fp16's smallest normal (6.1e-5) keep their subnormal value on the XLA
+    side as in the kernels (reduce_precision alone used to flush them to zero)."""
+    from tq4jax.layout import to_dtype
+    x = (rng.standard_normal(4096) * 3e-5).astype(np.float32)
+    x[:3] = [-1.85e-5, 2.9e-8, 6.1e-5]
+    want = x.astype(np.float16)
+    for fn in (jax.jit(lambda a: to_dtype(a, jnp.float16)), lambda a: to_dtype(a, jnp.float16)):
+        got = np.asarray(fn(jnp.asarray(x)))
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    rot, cent, _ = _codec(rng)
+    codes = jnp.asarray(rng.integers(0, 256, (8, D // 2)), jnp.uint8)
+    norms = jnp.asarray(rng.uniform(1e-4, 1e-3, (8, 1)), jnp.float32)
+    ref, ker = (np.asarray(tq.dequantize(codes, norms, cent, rot, jnp.float16, impl=i),
+                           np.float32) for i in IMPLS)
+    assert (np.abs(ref) < 6.1e-5).sum() > 10 and (ref != 0).all()
+    np.testing.assert_allclose(ker, ref, rtol=0, atol=2.0 ** -24)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_finite_value_poisons_its_kv_head_group_only(rng, impl):
     """Attention over a token whose V had an Inf coordinate gives NaN in every output row of

@@ -57,7 +57,12 @@ def to_dtype(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     if jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating) \
             and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits:
         info = jnp.finfo(dtype)
-        x = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        rounded = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        if info.nexp < jnp.finfo(x.dtype).nexp:  # reduce_precision flushes subnormals: round
+            step = float(info.smallest_subnormal)  # them onto dtype's subnormal grid instead
+            sub = jnp.round(x * (1.0 / step)) * step  # exact in x's dtype; ties to even
+            rounded = jnp.where(jnp.abs(x) < float(info.tiny), sub, rounded)
+        x = rounded
     return saturate(x, dtype)
 
 
