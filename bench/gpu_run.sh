@@ -6,7 +6,7 @@
 # Stages (default "tests"):
 #   tests     python -m pytest over $TESTS (default tests/) once per seed in $SEEDS, spread over
 #             $WORKERS pytest-xdist processes sharing the GPU (JAX without preallocation)
-#   fuzz      tests/test_fuzz.py with TQ4JAX_FUZZ_EXAMPLES=$FUZZ_EXAMPLES (default 200)
+#   fuzz      tests/test_fuzz_*.py with TQ4JAX_FUZZ_EXAMPLES=$FUZZ_EXAMPLES (default 25: every example compiles new shapes)
 #   soak      bench/soak.py for each layout in $SOAK_LAYOUTS
 #   memcheck  bench/memcheck.py under compute-sanitizer (one allocation per array)
 #   bench     python3 bench/<name>.py for each name in $BENCHES
@@ -32,9 +32,9 @@ for stage in $STAGES; do
       done ;;
     fuzz)
       note "fuzz"
-      XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-200} \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-25} \
         timeout ${FUZZ_TIMEOUT:-300} python3 -m pytest -q -n "$WORKERS" \
-        tests/test_fuzz.py > "$OUT/fuzz.log" 2>&1 || status=1
+        tests/test_fuzz_*.py > "$OUT/fuzz.log" 2>&1 || status=1
       tail -15 "$OUT/fuzz.log" ;;
     soak)
       for layout in ${SOAK_LAYOUTS:-tq4 vllm:turboquant_4bit_nc contiguous}; do
