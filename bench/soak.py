@@ -33,7 +33,7 @@ above ``--tol``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 import time
 from functools import partial
@@ -45,98 +45,9 @@ import numpy as np
 import tq4jax as tq
 from tq4jax.serving import BlockAllocator, PagedKVCache
 
-#: (max_seqs, block_size, max_blocks_per_seq, num_blocks, H_Q, H_KV, D, token budget, chunk)
-SIZES = {"tiny": (6, 4, 8, 28, 4, 2, 64, 24, 8),
-         "gpu": (32, 16, 32, 384, 8, 2, 128, 256, 64)}
-
-
-@dataclasses.dataclass
-class Seq:
-    row: int
-    prompt: int
-    total: int
-    done: int = 0  # tokens sent to the cache
-
-    @property
-    def phase(self) -> str:
-        return "prefill" if self.done < self.prompt else "decode"
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-6))
-
-
-class Soak:
-    def __init__(self, args):
-        self.a = args
-        (self.ms, self.bs, self.mb, self.nb, self.hq, self.hkv, self.d, self.budget,
-         self.chunk) = SIZES[args.size]
-        self.cap = self.mb * self.bs
-        self.k = min(args.sample, self.ms)
-        self.rng = np.random.default_rng([args.seed, 0])  # scheduling, sampling
-        self.data = np.random.default_rng([args.seed, 1])  # tokens and queries
-        self.seqs: dict[int, Seq] = {}
-        self.committed = 0  # blocks promised to live sequences (admission control)
-        self.st = dict(steps=0, admitted=0, finished=0, tokens=0, prefill_tokens=0,
-                       decode_tokens=0, max_err_decode=0.0, max_err_prefill=0.0,
-                       max_isolation=0.0, byte_mismatch=0, state_mismatch=0,
-                       overflow_injected=0, overflow_detected=0, codec_diff_rows=0,
-                       checked_rows=0)
-
-    # ------------------------------------------------------------------------ scheduling
-    def randn(self, *shape):
-        return jnp.asarray(self.data.standard_normal(shape, np.float32), jnp.float16)
-
-    def admit(self, free_rows: list[int]) -> list[Seq]:
-        """New sequences (prompt + generation <= capacity), while rows and blocks allow."""
-        new = []
-        while free_rows and self.rng.random() < self.a.arrival:
-            total = int(self.rng.integers(2, self.cap + 1))
-            blocks = -(-total // self.bs)
-            if self.committed + blocks > self.nb:
-                break
-            prompt = int(self.rng.integers(1, total))
-            self.committed += blocks
-            new.append(Seq(free_rows.pop(0), prompt, total))
-        self.st["admitted"] += len(new)
-        return new
-
-    def schedule(self) -> tuple[list, list]:
-        """(decode sequences, [(seq, chunk)] prefill) within the token budget."""
-        live = sorted(self.seqs.values(), key=lambda s: s.row)
-        dec = [s for s in live if s.phase == "decode"][:self.budget]
-        left, pf = self.budget - len(dec), []
-        for s in live:
-            if s.phase == "prefill" and left > 0:
-                n = min(s.prompt - s.done, self.chunk, left)
-                pf.append((s, n))
-                left -= n
-        return dec, pf
-
-    def finish(self, s: Seq) -> None:
-        self.committed -= -(-s.total // self.bs)
-        del self.seqs[s.row]
-        self.st["finished"] += 1
-
-    def sample(self, items: list) -> list:
-        if len(items) <= self.k:
-            return list(items)
-        return [items[i] for i in sorted(self.rng.choice(len(items), self.k, replace=False))]
-
-    def note_err(self, key: str, err: float) -> None:
-        self.st[key] = max(self.st[key], err)
-
-    def report(self, t0: float) -> None:
-        s = self.st
-        print(f"step {s['steps']:6d} | live {len(self.seqs):3d} | served {s['finished']:5d} | "
-              f"tokens {s['tokens']:8d} | err dec {s['max_err_decode']:.2e} pf "
-              f"{s['max_err_prefill']:.2e} iso {s['max_isolation']:.1e} | byte mismatch "
-              f"{s['byte_mismatch']} state {s['state_mismatch']} | overflow "
-              f"{s['overflow_detected']}/{s['overflow_injected']} | "
-              f"{s['steps'] / (time.time() - t0):.1f} steps/s", flush=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from soak_base import SIZES, Soak, rel_l2  # noqa: E402
+from soak_contiguous import ContiguousSoak  # noqa: E402
 
 
 class PagedSoak(Soak):
@@ -284,7 +195,7 @@ class PagedSoak(Soak):
     def check_outputs(self, dec, pf, q_dec, out_dec, q_pf, qsl, out_pf) -> None:
         """Sampled sequences: kernel vs reference on the live cache, and reference on the
         live cache vs reference on a scratch cache built from the shadows alone."""
-        k, ms, st = self.k, self.ms, self.st
+        k, st = self.k, self.st
         d_idx = self.sample(list(range(len(dec))))
         p_idx = self.sample(list(range(len(pf))))
         if not d_idx and not p_idx:
@@ -332,127 +243,6 @@ class PagedSoak(Soak):
         if iso > self.a.iso_tol:
             st["state_mismatch"] += 1
             print(f"  isolation error {iso:.2e} at step {st['steps']}", flush=True)
-
-
-class ContiguousSoak(Soak):
-    """tq.TQ4Cache: batch rows are sequence slots; update + attend of up to ``chunk`` tokens
-    per row and step."""
-
-    def __init__(self, args):
-        super().__init__(args)
-        impl = args.impl
-        self.cache = tq.TQ4Cache.create(1, self.ms, self.hkv, self.cap, self.d)
-        sp = self.cache.spec
-        self.tb = tq.paged_layout(self.hkv, self.d).row_bytes
-        self.shadow = np.zeros((self.ms, self.cap, self.tb), np.uint8)
-        self.lengths = np.zeros(self.ms, np.int64)
-
-        @jax.jit
-        def step(cache, k, v, nl, q):
-            cache = cache.update(0, k, v, nl, impl=impl)
-            return cache, cache.attend(0, q, nl, impl=impl)
-
-        @jax.jit
-        def ref(cache, idx, q, nl):
-            sub = jax.tree.map(lambda x: x[idx], cache)  # every leaf is batch-major
-            return sub.attend(0, q, nl, impl="reference")
-
-        def encode(k, v):  # the rows update writes: [B, T, row bytes]
-            kp, kn, vp, vn = tq.compress_kv(k, v, sp.rotation, sp.codebook("k")[1],
-                                            sp.codebook("v")[1], impl=impl)
-            b, t = k.shape[:2]
-            as_b = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(b, t, -1)
-            return jnp.concatenate([kp.reshape(b, t, -1), as_b(kn), vp.reshape(b, t, -1),
-                                    as_b(vn)], -1)
-
-        self.step_fn, self.ref_fn, self.encode = step, ref, jax.jit(encode)
-
-    def device_rows(self, cache) -> np.ndarray:
-        """The cache's codes and norms as token rows [B, C, row bytes]."""
-        def part(codes, norms):
-            c = np.asarray(codes).transpose(0, 2, 1, 3).reshape(self.ms, self.cap, -1)
-            n = np.ascontiguousarray(np.asarray(norms).transpose(0, 2, 1)).view(np.uint8)
-            return [c, n.reshape(self.ms, self.cap, -1)]
-        return np.concatenate(part(cache.k_codes[0], cache.k_norms[0])
-                              + part(cache.v_codes[0], cache.v_norms[0]), -1)
-
-    def from_rows(self, rows: np.ndarray, lens: np.ndarray) -> tq.TQ4Cache:
-        """A TQ4Cache holding ``rows`` [K, C, row bytes] (the inverse of device_rows)."""
-        h, half = self.hkv, self.d // 2
-        kk = rows.shape[0]
-        cut = np.cumsum([h * half, 4 * h, h * half])
-        parts = np.split(rows, cut, axis=-1)
-        codes = lambda x: jnp.asarray(x.reshape(kk, self.cap, h, half).transpose(0, 2, 1, 3))
-        norms = lambda x: jnp.asarray(np.ascontiguousarray(x).view(np.float32).reshape(
-            kk, self.cap, h).transpose(0, 2, 1))
-        return dataclasses.replace(self.cache, k_codes=(codes(parts[0]),),
-                                   k_norms=(norms(parts[1]),), v_codes=(codes(parts[2]),),
-                                   v_norms=(norms(parts[3]),),
-                                   lengths=(jnp.asarray(lens, jnp.int32),))
-
-    def run_step(self) -> None:
-        st = self.st
-        for s in [s for s in self.seqs.values() if s.done >= s.total]:
-            self.finish(s)
-        free = [r for r in range(self.ms) if r not in self.seqs]
-        new = self.admit(free)
-        if new:  # the missing TQ4Cache.reset(rows): only the lengths are reset
-            rows = jnp.asarray([s.row for s in new], jnp.int32)
-            self.cache = dataclasses.replace(
-                self.cache, lengths=(self.cache.lengths[0].at[rows].set(0),))
-        for s in new:
-            self.seqs[s.row] = s
-            self.lengths[s.row] = 0
-            self.shadow[s.row] = 0
-        nl = np.zeros(self.ms, np.int32)
-        for s in self.seqs.values():
-            nl[s.row] = 1 if s.phase == "decode" else min(s.prompt - s.done, self.chunk)
-        k = self.randn(self.ms, self.chunk, self.hkv, self.d)
-        v = self.randn(self.ms, self.chunk, self.hkv, self.d)
-        q = self.randn(self.ms, self.chunk, self.hq, self.d)
-        self.cache, out = self.step_fn(self.cache, k, v, jnp.asarray(nl), q)
-        rows = np.asarray(self.encode(k, v))
-        was_decode = {s.row: s.phase == "decode" for s in self.seqs.values()}
-        for s in self.seqs.values():
-            n, at = nl[s.row], self.lengths[s.row]
-            self.shadow[s.row, at:at + n] = rows[s.row, :n]
-            self.lengths[s.row] += n
-            s.done += n
-            st["decode_tokens" if was_decode[s.row] else "prefill_tokens"] += n
-        st["tokens"] += int(nl.sum())
-        # state + bytes
-        lens = np.asarray(self.cache.lengths[0])
-        bad = int((lens[list(self.seqs)] != self.lengths[list(self.seqs)]).sum())
-        st["state_mismatch"] += bad
-        dev = self.device_rows(self.cache)
-        for r in self.seqs:
-            n = self.lengths[r]
-            miss = int((dev[r, :n] != self.shadow[r, :n]).sum())
-            st["checked_rows"] += int(n)
-            if miss:
-                print(f"  byte mismatch at step {st['steps']}: row {r}", flush=True)
-            st["byte_mismatch"] += miss
-        # outputs of a sample: kernel vs reference on the live rows vs reference on rows
-        # rebuilt from the shadow
-        active = [r for r in sorted(self.seqs) if nl[r] > 0]
-        pick = self.sample(active)
-        if not pick:
-            return
-        idx = np.asarray(pick + [pick[0]] * (self.k - len(pick)), np.int32)
-        qs, nls = q[idx], jnp.asarray(nl[idx])
-        ref = np.asarray(self.ref_fn(self.cache, idx, qs, nls), np.float32)
-        iso_cache = self.from_rows(self.shadow[idx], self.lengths[idx])
-        iso = np.asarray(self.ref_fn(iso_cache, np.arange(self.k, dtype=np.int32), qs, nls),
-                         np.float32)
-        out = np.asarray(out, np.float32)
-        for j, r in enumerate(pick):
-            n = nl[r]
-            key = "max_err_decode" if was_decode[r] else "max_err_prefill"
-            self.note_err(key, rel_l2(out[r, :n], ref[j, :n]))
-            e = rel_l2(iso[j, :n], ref[j, :n])
-            self.note_err("max_isolation", e)
-            if e > self.a.iso_tol:
-                st["state_mismatch"] += 1
 
 
 def main(argv=None) -> int:
