@@ -162,7 +162,59 @@ def main() -> int:
                   f"{str(e).splitlines()[0][:100] if str(e) else ''} | | | | |", flush=True)
     print("\nms, median. original: CUDA-graph replays; tq4jax kernel: GPU time per call from a "
           "profiler trace; jit: 5 x 20 enqueued calls. ratio = original / tq4jax kernel.")
+    jax_triton_table(a.quick)
     return 0
+
+
+def jax_triton_table(quick: bool) -> None:
+    """The originals' kernels launched by jax-triton on JAX arrays (tq4jax.triton_originals),
+    each beside tq4jax's kernel in one jit-ed function: GPU times from one profiler trace
+    each, and their difference."""
+    from tq4jax import triton_originals as jto
+
+    reason = jto.available()
+    if reason is not None:
+        print(f"\njax-triton: not run ({reason})")
+        return
+    rng = np.random.default_rng(1)
+    rot = tq.haar_rotation(D, seed=42)
+    cent, bnd = tq.lloyd_max(D, 4)
+    n = 1024 if quick else 8192
+    x = jnp.asarray(rng.standard_normal((n, HKV, D)), jnp.float16)
+    b, ctx = (8, 2048) if quick else (8, 8192)
+    nb = ctx // BS
+    table = jnp.asarray(rng.permutation(b * nb).reshape(b, nb), jnp.int32)
+    lens = jnp.full((b,), ctx, jnp.int32)
+    kv = jnp.asarray(rng.standard_normal((2, b * ctx, HKV, D)), jnp.float16)
+    cache = jnp.zeros((b * nb, BS, tq.paged_layout(HKV, D).row_bytes), jnp.uint8)
+    slots = (table[:, :, None] * BS + jnp.arange(BS)).reshape(-1)
+    cache = tq.paged_write(cache, kv[0], kv[1], slots, rot, bnd)
+    q = jnp.asarray(rng.standard_normal((b, HQ, D)), jnp.float16)
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    rows = [("tq4_compress", f"{n}x{HKV}x{D}", lambda x: jto.compress(x, rot, bnd),
+             lambda x: tq.compress(x, rot, bnd), (x,)),
+            ("fused_paged_tq4_decode", f"B={b} ctx {ctx}",
+             lambda q, c: jto.paged_decode(q, c, table, lens, cent, rot, HKV, D, BS),
+             lambda q, c: tq.paged_decode(q, c, table, lens, cent, rot, **kw), (q, cache))]
+    print("\n# the originals' kernels through jax-triton, in one jax.jit with tq4jax's\n")
+    print("| original kernel (jax-triton) | shape | original ms | tq4jax ms | ratio | "
+          "difference |\n|---|---|---|---|---|---|")
+    for name, shape, theirs, ours, args in rows:
+        try:
+            both = jax.jit(lambda *a: (theirs(*a), ours(*a)))
+            t_out, o_out = jax.block_until_ready(both(*args))
+            if name == "tq4_compress":
+                frac = float(np.mean(np.asarray(t_out[0]) != np.asarray(o_out[0])))
+                what = f"codes {frac:.1e} differ"
+            else:
+                t64, o64 = (np.asarray(z, np.float64) for z in (t_out, o_out))
+                what = f"rel. L2 {np.linalg.norm(t64 - o64) / np.linalg.norm(t64):.1e}"
+            t_t, t_o = device_ms(jax.jit(theirs), *args), device_ms(jax.jit(ours), *args)
+            print(f"| {name} | {shape} | {t_t:.3f} | {t_o:.3f} | {t_t / t_o:.2f}x | {what} |",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {name} | {shape} | failed: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''} | | | |", flush=True)
 
 
 if __name__ == "__main__":

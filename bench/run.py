@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"],
                     help="kernel backends to time (unsupported ones are skipped)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--batch", type=int, nargs="+", help="decode batches (GPU default 1 8 32)")
+    ap.add_argument("--ctx", type=int, nargs="+",
+                    help="decode contexts (GPU default 1024 8192 32768 131072)")
     a = ap.parse_args(argv)
     if gpu:
         batches, contexts = ((8,), (8192, 32768)) if a.quick else ((1, 8, 32),
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         prefill_ctx = (2048,) if a.quick else (2048, 8192, 16384)
     else:  # a CPU smoke run of the whole pipeline
         batches, contexts, prefill_ctx = (1,), (256,), (128,)
+    batches, contexts = tuple(a.batch or batches), tuple(a.ctx or contexts)
     t0 = time.perf_counter()
     rows: list[dict] = []
     if "decode" in a.families:

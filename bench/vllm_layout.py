@@ -96,14 +96,53 @@ def sweep(q, k, v, table, slots, lens, name: str = "turboquant_4bit_nc") -> None
               f"| {cfg.prefetch} |")
 
 
+def precision(q, k, v, table, slots, lens, ctx: int) -> None:
+    """Float32-accurate scores (DecodeConfig.precise, the default) against single 16-bit
+    dots: GPU time and relative L2 / Linf difference from the reference, per preset, fp16 and
+    bf16 queries."""
+    print(f"\n# score precision: B={B}, {ctx} context\n\n| preset | q dtype | precise GPU ms | "
+          "16-bit GPU ms | cost | precise rel L2 / Linf | 16-bit rel L2 / Linf |\n"
+          "|---|---|---|---|---|---|---|")
+    for name in V.PRESETS:
+        pr = V.preset(name, D)
+        if pr.key_fp8:
+            continue  # fp8 keys: the raw query times exact fp8 values, nothing to split
+        pi = tq.hadamard_rotation(D, seed=1)
+        cent, _ = tq.lloyd_max(D, pr.mse_bits)
+        cache, _ = store_case(pr, k, v, slots, pi, cent)
+        for dt in (jnp.float16, jnp.bfloat16):
+            qd = (q * 3).astype(dt)  # larger logits: where the rounding shows
+            ref = jax.jit(lambda q, c, t, n, pr=pr, pi=pi, cent=cent: V.turboquant_decode(
+                q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl="reference"))(
+                qd, cache, table, lens).astype(jnp.float32)
+            res = []
+            for prec in (True, False):
+                fn = decode_fn(pr, pi, cent, cfg=V.DecodeConfig(precise=prec))
+                out = fn(qd, cache, table, lens).astype(jnp.float32)
+                err = (float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)),
+                       float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))))
+                res.append((device_ms(fn, qd, cache, table, lens), err))
+            (tp, ep), (t16, e16) = res
+            print(f"| {name} | {jnp.dtype(dt).name} | {tp:.4f} | {t16:.4f} | {tp / t16:.2f}x | "
+                  f"{ep[0]:.1e} / {ep[1]:.1e} | {e16[0]:.1e} / {e16[1]:.1e} |", flush=True)
+        del cache
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", nargs="?", const="turboquant_4bit_nc", metavar="PRESET")
+    ap.add_argument("--precision", action="store_true",
+                    help="only the precise vs 16-bit score table (32K; --quick: 8K)")
     a = ap.parse_args()
     if a.sweep:
         print(f"# vLLM-layout decode sweep: {device_line()}")
         sweep(*make_tokens(32768), a.sweep)
+        return
+    if a.precision:
+        ctx = 8192 if a.quick else 32768
+        print(f"# vLLM-layout decode score precision: {device_line()}")
+        precision(*make_tokens(ctx), ctx)
         return
     copy = copy_bandwidth_gbs()
     print(f"# vLLM-layout decode bench: {device_line()}; B={B}, {HQ}/{HKV} heads, D={D}, "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tq4jax as tq
-from helpers import rel_l2
+from helpers import rel_l2, rel_linf
 from test_attention import deq
 from tq4jax.pallas_triton.tuning import Config
 from tq4jax.testing import lower_to_triton
@@ -167,3 +167,46 @@ def test_paged_extras(rng, impl):
     got, want = (tq.paged_prefill(*args, **kw, use_int8_qk=False, impl=i)
                  for i in (impl, "reference"))
     assert rel_l2(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4"])
+def test_vllm_extras(rng, name):
+    """vLLM-layout decode with a window, a soft cap and sinks: the kernel against the
+    reference, and the reference against a float64 oracle on the dequantized cache (the last
+    ``window + 1`` positions, ``cap * tanh(s / cap)``, the sink in the denominator)."""
+    from test_vllm import write_sequences
+    from tq4jax import vllm as V
+    d, hk, hq, bs, window, cap = 64, 2, 4, 16, 20, 4.0
+    pr = V.preset(name, d)
+    c, _ = V.codebook(d, pr.mse_bits)
+    pi = tq.haar_rotation(d, seed=int(rng.integers(1000)))
+    lens = [70, 33, 9, 0]
+    cache, bt, _, _ = write_sequences(rng, pr, lens, hk, d, bs, pi, c, "pallas")
+    q = jnp.asarray(rng.standard_normal((len(lens), hq, d)) * 2, jnp.float16)
+    seq = np.asarray(lens, np.int32)
+    sinks = jnp.asarray(rng.standard_normal(hq), jnp.float32)
+    kw = dict(**pr.decode_kwargs(), max_num_kv_splits=3, local_window_size=window,
+              logit_soft_cap=cap, sinks=sinks)
+    args = (q, cache, bt, seq, pi, c, d ** -0.5)
+    got = V.turboquant_decode(*args, **kw, impl="pallas")
+    want = V.turboquant_decode(*args, **kw, impl="reference")
+    assert rel_linf(got, want) < 2e-3  # as test_vllm (fp16)
+    kd, vd = (np.asarray(x, np.float64) for x in V.full_dequant_kv(
+        cache, bt, seq, c, **pr.dequant_kwargs(), impl="reference"))
+    qf = np.asarray(q, np.float64)
+    if not pr.key_fp8:
+        qf = qf @ np.asarray(pi, np.float64).T  # keys stay in rotated space
+    for s, n in enumerate(lens):
+        lo = max(0, n - 1 - window)
+        for h in range(hq):
+            logits = kd[s, h // (hq // hk), lo:n] @ qf[s, h] * d ** -0.5
+            logits = cap * np.tanh(logits / cap)
+            w = np.exp(logits - max(logits.max(initial=-np.inf), float(sinks[h])))
+            w_sink = np.exp(float(sinks[h]) - max(logits.max(initial=-np.inf), float(sinks[h])))
+            oracle = (w @ vd[s, h // (hq // hk), lo:n]) / (w.sum() + w_sink)
+            np.testing.assert_allclose(np.asarray(want, np.float64)[s, h], oracle, rtol=2e-3,
+                                       atol=2e-3)
+    with pytest.raises(ValueError, match="sinks"):
+        V.turboquant_decode(*args, **{**kw, "sinks": sinks[:2]})
+    with pytest.raises(ValueError, match="local_window_size"):
+        V.turboquant_decode(*args, **{**kw, "local_window_size": -1})

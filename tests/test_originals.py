@@ -4,6 +4,7 @@ torch, triton or turboquant-vllm (``../shared/tools/gpu_wheels.sh`` fetches the 
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,3 +249,51 @@ def test_contiguous_cache_written_by_original_read_by_tq4jax(orig, rng):
     back = interop.tq4_cache_to_torch(cache)[0]
     assert all(x.data_ptr() == y.data_ptr() for x, y in zip(back, packed))
     assert torch.equal(back[0], packed[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: the originals' own @triton.jit kernels on JAX arrays (jax-triton), in one jax.jit
+# with tq4jax's kernels (tq4jax.triton_originals; no torch tensors on that path)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jt():
+    from tq4jax import triton_originals
+    reason = triton_originals.available()
+    if reason is not None:
+        pytest.skip(f"the originals cannot run through jax-triton here: {reason}")
+    return triton_originals
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_jax_triton_compress_in_one_jit(jt, rng, d):
+    x = rng.standard_normal((37, 4, d)).astype(np.float16)
+    x[0, 0] = 0
+    rot = tq.haar_rotation(d, seed=int(rng.integers(1 << 30)))
+    _, bnd = tq.lloyd_max(d, 4)
+    both = jax.jit(lambda x: (tq.compress(x, rot, bnd), jt.compress(x, rot, bnd)))
+    (mine, mn), (theirs, tn) = both(jnp.asarray(x))
+    _, _, rotated = oracle_compress(x.astype(np.float32), rot, bnd)
+    # as test_compress_vs_original: bytes equal except at boundary ties, norms to 1e-6
+    assert_codes_match(np.asarray(mine), np.asarray(theirs), rotated, bnd)
+    np.testing.assert_allclose(np.asarray(mn), np.asarray(tn), rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_jax_triton_paged_decode_in_one_jit(jt, orig, rng, padded):
+    hq, hkv, d, bs = 8, 2, 128, 16
+    p = paged_inputs(rng, [100, 1, 33, 257], hq, hkv, d, bs, padded)
+    q = jnp.asarray(rng.standard_normal((4, hq, d)), jnp.float16)
+    args = (p["table"], p["lens"], p["cent"], p["rot"])
+    both = jax.jit(lambda q, c: (tq.paged_decode(q, c, *args, **p["kw"]),
+                                 jt.paged_decode(q, c, *args, hkv, d, bs)))
+    ours, theirs = both(q, p["cache"])
+    assert rel_l2(ours, np.asarray(theirs, np.float32)) < ATTN_TOL
+    # the same kernel launched by torch: equal up to the autotuner's tile choice (sum order)
+    c = lambda x: cu(orig, x)  # noqa: E731
+    torch_run = orig.fused_paged_tq4_decode(c(q), interop.paged_cache_to_torch(p["cache"], hkv, d),
+                                            c(p["table"]), c(p["lens"]), c(p["cent"]),
+                                            c(p["rot"]), hkv, d, bs)
+    assert rel_l2(theirs, np32(torch_run)) < 2e-3

@@ -9,6 +9,7 @@ import pytest
 import tq4jax as tq
 from tq4jax import vllm as V
 from tq4jax.layout import vllm_slot
+from tq4jax.pallas_triton.tuning import DecodeConfig
 from tq4jax.testing import kernel_jaxpr, lower_to_triton
 
 from helpers import rel_l2, rel_linf
@@ -464,9 +465,11 @@ def test_codebook_decodes_in_registers():
         text = kernel_jaxpr(fn, *args, *extra)
         return text.count("prmt.b32 m0"), text.count("mov.b32 cb")
 
-    closed = lambda q, ca, b, n: V.turboquant_decode(  # noqa: E731
-        q, ca, b, n, pi, c, 0.1, **pr.decode_kwargs(), impl="pallas")
-    traced = lambda q, ca, b, n, cent: V.turboquant_decode(  # noqa: E731
-        q, ca, b, n, pi, cent, 0.1, **pr.decode_kwargs(), impl="pallas")
-    assert n_asm(closed) == (4, 4)
-    assert n_asm(traced, s((16,), jnp.float32)) == (4, 4)
+    for precise, k_tables in ((True, 2), (False, 1)):  # float32-accurate scores: hi, lo
+        cfg = DecodeConfig(precise=precise)
+        closed = lambda q, ca, b, n: V.turboquant_decode(  # noqa: E731
+            q, ca, b, n, pi, c, 0.1, **pr.decode_kwargs(), config=cfg, impl="pallas")
+        traced = lambda q, ca, b, n, cent: V.turboquant_decode(  # noqa: E731
+            q, ca, b, n, pi, cent, 0.1, **pr.decode_kwargs(), config=cfg, impl="pallas")
+        assert n_asm(closed) == (4 * k_tables, 4)
+        assert n_asm(traced, s((16,), jnp.float32)) == (4 * k_tables, 4)

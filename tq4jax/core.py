@@ -66,19 +66,26 @@ def merge_splits(o: jnp.ndarray, lse: jnp.ndarray, axis: int,
 # rotation
 # ----------------------------------------------------------------------------------------------
 
-def split16(x: jnp.ndarray, dtype: Any = jnp.float16) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """float32 -> (hi, lo) in a 16-bit float ``dtype`` with ``x ~= hi + lo / SPLIT_SCALE``
+def split16(x: Any, dtype: Any = jnp.float16, scale: float = SPLIT_SCALE,
+            xp: Any = jnp) -> tuple[Any, Any]:
+    """float32 -> (hi, lo) in a 16-bit float ``dtype`` with ``x ~= hi + lo / scale``
     (about 2**-21 relative for fp16, 2**-16 for bf16).
 
-    Works in and out of kernels; for |x| <= 1 (rotations, unit vectors, codebooks). ``hi`` is
-    ``x`` with its mantissa truncated to the dtype's bits by bit masking: a float round trip
-    (f32 -> f16 -> f32) would be folded away by XLA's excess-precision rewrite on the GPU.
+    Works in and out of kernels (``xp`` jnp) and on concrete numpy arrays (``xp`` numpy); with
+    the default scale for |x| <= 1 (rotations, unit vectors, codebooks), with ``scale=1`` for
+    any x in range. ``hi`` is ``x`` with its mantissa truncated to the dtype's bits by bit
+    masking: a float round trip (f32 -> f16 -> f32) would be folded away by XLA's
+    excess-precision rewrite on the GPU.
     """
-    x = x.astype(jnp.float32)
     keep = 0xFFFFE000 if jnp.dtype(dtype) == jnp.float16 else 0xFFFF0000
+    if xp is np:
+        x = np.asarray(x, np.float32)
+        hi32 = (x.view(np.uint32) & np.uint32(keep)).view(np.float32)
+        return hi32.astype(dtype), ((x - hi32) * np.float32(scale)).astype(dtype)
+    x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(keep)
     hi32 = lax.bitcast_convert_type(bits, jnp.float32)
-    return hi32.astype(dtype), ((x - hi32) * SPLIT_SCALE).astype(dtype)
+    return hi32.astype(dtype), ((x - hi32) * scale).astype(dtype)
 
 
 class Rotation(NamedTuple):
@@ -97,15 +104,16 @@ def rotation_parts(rotation: jnp.ndarray, dtype: Any) -> Rotation:
                     split16(rotation, dtype), rotation)
 
 
-def rotate_in_xla(q: jnp.ndarray, rotation: jnp.ndarray) -> jnp.ndarray:
-    """``q @ Pi^T`` outside a kernel, float32-accurate, back in q's dtype. q's own rounding is
-    pinned first (``reduce_precision``): under jit XLA may otherwise use the float32 values a
-    caller rounded to q's dtype just before (excess precision), unlike an eager call."""
+def rotate_in_xla(q: jnp.ndarray, rotation: jnp.ndarray, dtype: Any = None) -> jnp.ndarray:
+    """``q @ Pi^T`` outside a kernel, float32-accurate, in ``dtype`` (default q's). q's own
+    rounding is pinned first (``reduce_precision``): under jit XLA may otherwise use the
+    float32 values a caller rounded to q's dtype just before (excess precision), unlike an
+    eager call."""
     qf = q.astype(jnp.float32)
     if jnp.finfo(q.dtype).bits < 32:
         info = jnp.finfo(q.dtype)
         qf = lax.reduce_precision(qf, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return jnp.matmul(qf, rotation.T, precision=lax.Precision.HIGHEST).astype(q.dtype)
+    return jnp.matmul(qf, rotation.T, precision=lax.Precision.HIGHEST).astype(dtype or q.dtype)
 
 
 def post_rotate(out: jnp.ndarray, rotation: jnp.ndarray) -> jnp.ndarray:

@@ -46,10 +46,8 @@ ORIGINAL_MODULES = ("tq4_compress", "tq4_decompress", "flash_attention", "flash_
                     "fused_paged_tq4_int8_prefill")
 
 
-def load_originals() -> types.SimpleNamespace:
-    """turboquant-vllm's Triton kernel functions (``tq4_compress``, ``tq4_decompress``,
-    ``triton_flash_attention``, ``triton_flash_attention_tq4``, ``triton_flash_attention_tq4_kv``,
-    ``fused_paged_tq4_decode``, ``fused_paged_tq4_int8_prefill``) plus ``torch``.
+def original_modules() -> types.SimpleNamespace:
+    """turboquant-vllm's Triton kernel modules (``ORIGINAL_MODULES``, by name), torch imported.
 
     The kernel modules need only torch and triton; when the package's ``triton/__init__``
     cannot be imported (it also pulls in transformers), they are loaded without it.
@@ -58,7 +56,6 @@ def load_originals() -> types.SimpleNamespace:
     for dep in ("torch", "triton", "turboquant_vllm"):
         if importlib.util.find_spec(dep) is None:
             raise ImportError(f"{dep.replace('_', '-')} is not installed")
-    import torch
     try:
         mods = [importlib.import_module(f"turboquant_vllm.triton.{m}") for m in ORIGINAL_MODULES]
     except ImportError:
@@ -69,10 +66,21 @@ def load_originals() -> types.SimpleNamespace:
                 stub.__path__ = [str(path)]
                 sys.modules[name] = stub
         mods = [importlib.import_module(f"turboquant_vllm.triton.{m}") for m in ORIGINAL_MODULES]
+    return types.SimpleNamespace(**dict(zip(ORIGINAL_MODULES, mods)))
+
+
+def load_originals() -> types.SimpleNamespace:
+    """turboquant-vllm's Triton kernel functions (``tq4_compress``, ``tq4_decompress``,
+    ``triton_flash_attention``, ``triton_flash_attention_tq4``, ``triton_flash_attention_tq4_kv``,
+    ``fused_paged_tq4_decode``, ``fused_paged_tq4_int8_prefill``) plus ``torch``
+    (:func:`original_modules`; ImportError with the reason when one is missing)."""
+    mods = original_modules()
+    import torch
     names = ("tq4_compress", "tq4_decompress", "triton_flash_attention",
              "triton_flash_attention_tq4", "triton_flash_attention_tq4_kv",
              "fused_paged_tq4_decode", "fused_paged_tq4_int8_prefill")
-    return types.SimpleNamespace(torch=torch, **{n: getattr(m, n) for n, m in zip(names, mods)})
+    return types.SimpleNamespace(torch=torch, **{n: getattr(getattr(mods, m), n)
+                                                  for n, m in zip(names, ORIGINAL_MODULES)})
 
 
 class _Parser(argparse.ArgumentParser):

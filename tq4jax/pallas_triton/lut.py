@@ -17,7 +17,8 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 from ..backend import kernel_mode
-from ..core import MAGIC, codebook_bits, int8_codebook, is_static, lut_planes, static_planes
+from ..core import (MAGIC, codebook_bits, int8_codebook, is_static, lut_planes, split16,
+                    static_planes)
 from ..layout import CODEBOOK_SLOTS, pad_codebook
 from .tiles import interleave, split_nibbles
 
@@ -224,6 +225,20 @@ def codebook_parts(centroids: jnp.ndarray, dtype: Any,
     if is_static(raw):
         return table, static_planes(raw, dtype)
     return table, True
+
+
+def codebook_split_parts(centroids: jnp.ndarray, dtype: Any,
+                         raw: Any = None) -> tuple[tuple, tuple]:
+    """A codebook as two 16-bit tables for float32-accurate scores, ``c ~= hi + lo /
+    SPLIT_SCALE`` (:func:`core.split16`): ((hi table, hi decode mode), (lo table, lo decode
+    mode)), each as :func:`codebook_parts` returns it (static planes when ``raw`` is
+    concrete)."""
+    if is_static(raw):
+        c = np.asarray(raw, np.float32).ravel()
+        parts = split16(c, dtype, xp=np)
+        return tuple(codebook_parts(jnp.asarray(x.astype(np.float32)), dtype, x.astype(np.float32))
+                     for x in parts)
+    return tuple(codebook_parts(x.astype(jnp.float32), dtype) for x in split16(centroids, dtype))
 
 
 def int8_parts(centroids: jnp.ndarray, raw: Any) -> tuple[jnp.ndarray, Any]:

@@ -22,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..backend import KernelMode
-from ..core import LOG2E, merge_splits, next_pow2, rotate_in_xla, rotation_parts, split16
+from ..core import (LOG2E, SPLIT_SCALE, merge_splits, next_pow2, rotate_in_xla, rotation_parts,
+                    split16)
 from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot,
                       fp8_key, key_norm, midpoints, pad_codebook, to_dtype, value_codes,
                       value_stats, zero_rows)
@@ -32,7 +33,8 @@ from .tiles import (M_INIT, bucketize, columns, dot32, dot_split, interleave, ke
                     load_tile, lse_of, softmax_step, store_rows, store_tile, tile_index)
 from .tuning import CodecConfig, DecodeConfig, rotate_in_kernel
 from .vllm_tiles import (cache_views, fetch_slot_codes, fetch_slot_scalars, fetch_slots,
-                         key_from_raw, slot_raw, slot_rows, value_from_raw, value_table)
+                         key_from_raw, key_split_from_raw, slot_raw, slot_rows, value_from_raw,
+                         value_table)
 
 
 def _pack_tile(codes: jnp.ndarray, bits: int, n_bytes: int) -> jnp.ndarray:
@@ -146,6 +148,9 @@ class DecodeSpec(NamedTuple):
     cfg: DecodeConfig
     splits: int
     scale_log2: float
+    precise: bool = False
+    window_left: int | None = None
+    softcap: float | None = None
 
 
 def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table,
@@ -166,8 +171,9 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
     max_blocks = bt_ref.shape[0] // lens_ref.shape[0]
     n_blocks = cache_ref.shape[0] // (block_size * hkv)
     seq_len = jnp.clip(lens_ref[b], 0, max_blocks * block_size)
-    split_len_ = split_len(seq_len, splits, bn)
-    start = sp * split_len_
+    first = key_window(seq_len, spec.window_left)
+    split_len_ = split_len(seq_len - first, splits, bn)
+    start = first + sp * split_len_
     stop = jnp.minimum(start + split_len_, seq_len)
 
     @pl.when(start < stop)
@@ -177,9 +183,13 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
         cols, c_ok = columns(d)
         if lay.key_fp8:  # raw keys: the raw query
             q = load_tile(q_ref, qrow, r_ok, cols, c_ok)
+            dt = q.dtype
+        elif spec.precise:  # rotated query as (hi, lo) pairs of (even, odd) coordinates
+            q = tuple(query_halves(ref, None, qrow, r_ok, d) for ref in q_ref)
+            dt = q[0][0].dtype
         else:  # rotated query, even and odd coordinates apart
             q = query_halves(q_ref, q_rot, qrow, r_ok, d)
-        dt = q.dtype if lay.key_fp8 else q[0].dtype
+            dt = q[0].dtype
         dot = dot32
         rows_at = partial(slot_rows, bt_ref, b * max_blocks, block_size=block_size, hkv=hkv,
                             head=h, n_blocks=n_blocks)
@@ -196,6 +206,21 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
             _, pmask, rows = rows_of(j, True)
             return rows, fetch_slot_scalars(cache_refs, rows, pmask, lay)
 
+        def scores(raw_k):  # q @ k^T of a key tile, log2 units, f32 [block_m, block_n]
+            if spec.precise:  # float32-accurate: q_hi k_hi + q_lo k_hi + q_hi k_lo / S
+                (qh, ql), (kh, kl, kf) = q, key_split_from_raw(raw_k, lay, k_table, dt, k_lut, nc)
+                s = sum(dot(qh[i], kh[i].T) + dot(ql[i], kh[i].T)
+                        + dot(qh[i], kl[i].T) * (1.0 / SPLIT_SCALE) for i in (0, 1))
+                return s * (kf * scale_log2)[None, :]
+            k, kf = key_from_raw(raw_k, lay, k_table, dt, k_lut, nc and not cfg.nc_dot)
+            if kf is None:
+                return dot(q, k.T) * scale_log2
+            s = (dot(q[0], k[0].T) + dot(q[1], k[1].T)) * (kf * scale_log2)[None, :]
+            if nc and cfg.nc_dot:  # every row: the key's centroid norm squared, on tensor cores
+                sq = dot(ones, (k[0] * k[0]).T) + dot(ones, (k[1] * k[1]).T)
+                s = s * lax.rsqrt(sq + VLLM_NC_EPS)
+            return s
+
         def step(j, carry, masked: bool):  # online softmax over key tile j
             acc, zacc, m_prev, l_prev, nxt = carry
             if cfg.prefetch:  # this tile's rows came with the previous one
@@ -208,14 +233,9 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
             else:
                 cur = fetch_slot_scalars(cache_refs, rows, pmask, lay)
             raw_k, raw_v = slot_raw(codes, cur)
-            k, kf = key_from_raw(raw_k, lay, k_table, dt, k_lut, nc and not cfg.nc_dot)
-            if kf is None:
-                s = dot(q, k.T) * scale_log2
-            else:
-                s = (dot(q[0], k[0].T) + dot(q[1], k[1].T)) * (kf * scale_log2)[None, :]
-            if nc and cfg.nc_dot:  # every row: the key's centroid norm squared, on tensor cores
-                sq = dot(ones, (k[0] * k[0]).T) + dot(ones, (k[1] * k[1]).T)
-                s = s * lax.rsqrt(sq + VLLM_NC_EPS)
+            s = scores(raw_k)
+            if spec.softcap is not None:  # in log2 units: c * tanh(s / c), c = softcap * log2 e
+                s = (spec.softcap * LOG2E) * jnp.tanh(s * (1.0 / (spec.softcap * LOG2E)))
             if masked:
                 s = jnp.where(ok[None, :], s, -jnp.inf)
             p, alpha, m_new, l_new = softmax_step(s, m_prev, l_prev)
@@ -227,7 +247,7 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
         half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
-        if nc and cfg.nc_dot:  # weight 1 per coordinate; padding (decodes c[0]) weight 0
+        if nc and cfg.nc_dot and not spec.precise:  # weight 1 per coordinate, 0 padding
             _, h_ok = columns(d // 2)
             ones = jnp.ones(half.shape, dt) if h_ok is None else jnp.broadcast_to(
                 h_ok[None, :].astype(dt), half.shape)
@@ -241,39 +261,56 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
         store_rows(lse_ref, orow, r_ok, lse_of(m, l_fin))
 
 
+def key_window(seq_len: Any, left: int | None) -> Any:
+    """First position a decode query (at ``seq_len - 1``) sees with a window of ``left``
+    keys to its left (None: 0); jnp or in-kernel."""
+    return 0 if left is None else jnp.maximum(seq_len - 1 - left, 0)
+
+
 @partial(jax.jit, static_argnames=("lay", "nc", "k_lut", "v_lut", "scale", "splits", "cfg",
-                                   "mode"))
+                                   "mode", "window_left", "softcap"))
 def decode(query: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
-           seq_lens: jnp.ndarray, rotation: jnp.ndarray | None, k_table: jnp.ndarray, *,
-           lay: VllmSlot, nc: bool, k_lut: Any, v_lut: Any, scale: float, splits: int,
-           cfg: DecodeConfig, mode: KernelMode) -> jnp.ndarray:
+           seq_lens: jnp.ndarray, rotation: jnp.ndarray | None, k_table: jnp.ndarray,
+           sinks: jnp.ndarray | None = None, *, lay: VllmSlot, nc: bool, k_lut: Any,
+           v_lut: Any, scale: float, splits: int, cfg: DecodeConfig, mode: KernelMode,
+           window_left: int | None = None, softcap: float | None = None) -> jnp.ndarray:
     """query [B, H_Q, D] (raw) against a cache [blocks, block_size, H_KV, slot] ->
-    [B, H_Q, D] in query's dtype: stage 1 (the kernel, ``splits`` fixed splits per sequence)
-    and the log-sum-exp merge of the splits that saw keys."""
+    [B, H_Q, D] in query's dtype: stage 1 (the kernel, ``splits`` fixed splits per sequence
+    over the positions the query sees: the last ``window_left + 1`` or all), the log-sum-exp
+    merge of the splits that saw keys, and the ``sinks`` [H_Q] f32 in each row's softmax
+    denominator (``1 / (1 + exp(sink - lse))``)."""
     b, hq, d = query.shape
     nb, bs, hkv, sb = kv_cache.shape
     group = hq // hkv
     block_m = max(16, next_pow2(group))
     dt = query.dtype
-    rot_q = not lay.key_fp8 and rotate_in_kernel(d, group)  # decode: group rows per KV head
-    if not lay.key_fp8 and not rot_q:
-        query = rotate_in_xla(query, rotation)
+    precise = cfg.precise and not lay.key_fp8
+    rot_q = not lay.key_fp8 and not precise and rotate_in_kernel(d, group)
     q_rot = tuple(rotation_parts(rotation, dt).q_halves) if rot_q else None
+    query = query.reshape(b * hq, d)
+    if precise:  # q @ Pi^T in float32, as 16-bit (hi, lo) with q ~= hi + lo
+        query = split16(rotate_in_xla(query, rotation, jnp.float32), dt, scale=1.0)
+    elif not lay.key_fp8 and not rot_q:
+        query = rotate_in_xla(query, rotation)
     v_table, _ = value_table(dt)
     rows = b * hq * splits
     spec = DecodeSpec(lay, nc, k_lut, v_lut, bs, hkv, group, block_m, cfg, splits,
-                      scale * LOG2E)
+                      scale * LOG2E, precise, window_left, softcap)
     o, lse = pallas_call(partial(_decode_kernel, spec=spec), mode=mode, grid=(b, hkv, splits),
                          out_shape=(jax.ShapeDtypeStruct((rows, d), jnp.float32),
                                     jax.ShapeDtypeStruct((rows,), jnp.float32)),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)(
-        query.reshape(b * hq, d), q_rot, *cache_views(kv_cache), block_table.reshape(-1),
+        query, q_rot, *cache_views(kv_cache), block_table.reshape(-1),
         seq_lens, k_table, v_table)
     o, lse = o.reshape(b, hq, splits, d), lse.reshape(b, hq, splits)
     seq = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
-    written = jnp.arange(splits)[None, :] * split_len(seq, splits, cfg.block_n)[:, None] \
-        < seq[:, None]  # empty splits never wrote their rows
-    return to_dtype(merge_splits(o, lse, 2, written[:, None, :]), dt)
+    seen = seq - key_window(seq, window_left)
+    written = jnp.arange(splits)[None, :] * split_len(seen, splits, cfg.block_n)[:, None] \
+        < seen[:, None]  # empty splits never wrote their rows
+    out, lse = merge_splits(o, lse, 2, written[:, None, :], with_lse=True)
+    if sinks is not None:
+        out = out / (1.0 + jnp.exp(sinks[None, :] - lse))[..., None]
+    return to_dtype(out, dt)
 
 
 def _dequant_kernel(cache_ref, words_ref, bt_ref, lens_ref, k_table, v_table, k_ref, v_ref, *,

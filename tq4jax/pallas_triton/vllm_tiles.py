@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..core import SPLIT_SCALE
 from ..layout import CODEBOOK_SLOTS, VLLM_NC_EPS, VllmSlot
 from .lut import codebook_parts, decode_split
 from .tiles import cache_rows, columns, load_scalar, load_tile, scalar_value
@@ -114,6 +115,27 @@ def key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple,
 
         norm = norm / jnp.sqrt(sum_sq(halves[0]) + sum_sq(halves[1]) + VLLM_NC_EPS)
     return halves, norm
+
+
+def key_split_from_raw(raw: tuple, lay: VllmSlot, tables: tuple, dt, planes: tuple,
+                       nc: bool) -> tuple[tuple, tuple, jnp.ndarray]:
+    """MSE key tiles -> float32-accurate centroids as 16-bit (hi, lo) pairs: ((hi even, hi
+    odd), (lo even, lo odd)) [R, Dp/2] in ``dt`` with ``c ~= hi + lo / SPLIT_SCALE``
+    (``tables``/``planes``: :func:`lut.codebook_split_parts`), and the per-key factor f32 [R]
+    (the fp16 norm; with ``nc`` divided by the float32 norm of the centroid vector)."""
+    codes = codes_from_raw(raw[:-1], lay.mse_bits, lay.head_dim)
+    hi, lo = (decode_split(t, codes, dt, p, low_first=True) for t, p in zip(tables, planes))
+    norm = fp16_value(raw[-1])
+    if nc:
+        _, h_ok = columns(lay.head_dim // 2)
+
+        def sum_sq(h, l):  # over the real coordinates (padding decodes c[0])
+            x = h.astype(jnp.float32) + l.astype(jnp.float32) * (1.0 / SPLIT_SCALE)
+            x = x * x
+            return jnp.sum(x if h_ok is None else jnp.where(h_ok[None, :], x, 0.0), axis=1)
+
+        norm = norm / jnp.sqrt(sum_sq(hi[0], lo[0]) + sum_sq(hi[1], lo[1]) + VLLM_NC_EPS)
+    return hi, lo, norm
 
 
 def value_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple):

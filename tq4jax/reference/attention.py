@@ -4,6 +4,8 @@ chunked prefill."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -111,7 +113,7 @@ def _paged_kv(kv_cache, block_table, seq_lens, centroids, v_centroids, rotation,
     return k, v, valid
 
 
-def _window_ok(keys: jnp.ndarray, at: jnp.ndarray, window: tuple[int, int] | None):
+def window_ok(keys: jnp.ndarray, at: jnp.ndarray, window: tuple[int, int] | None) -> Any:
     """Keys a query at position ``at`` sees inside ``window`` (left, right); all without."""
     if window is None:
         return True
@@ -129,7 +131,7 @@ def paged_decode(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray
                             rotation, num_kv_heads, head_dim)
     keys = jnp.arange(valid.shape[1])[None, :]
     at = (jnp.clip(seq_lens, 0, valid.shape[1]) - 1)[:, None]
-    valid = valid & _window_ok(keys, at, window)
+    valid = valid & window_ok(keys, at, window)
     mask = jnp.where(valid, 0.0, -jnp.inf)[:, None, None, :]  # [S, 1, 1, T]
     return attention(q[:, :, None, :], k, v, scale, False, mask, softcap,
                      sinks)[:, :, 0, :]
@@ -156,7 +158,7 @@ def paged_prefill(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarra
     at = seq_len - q_len + (t - query_start_loc[seq])
     keys = jnp.arange(cap)[None, :]
     visible = inside[:, None] & (keys < seq_len[:, None]) & (keys <= at[:, None])
-    visible = visible & _window_ok(keys, at[:, None], window)
+    visible = visible & window_ok(keys, at[:, None], window)
     mask = jnp.where(visible, 0.0, -jnp.inf)[:, None, None, :]  # [N, 1, 1, T]
     return attention(q[:, :, None, :], k[seq], v[seq], scale, False, mask, softcap,
                      sinks)[:, :, 0, :]

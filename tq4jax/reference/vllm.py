@@ -9,7 +9,7 @@ from jax import lax
 from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot, fp8_key,
                       fp16_bytes, fp16_from, key_norm, midpoints, pack_bits, pad_codebook,
                       unpack_bits, value_codes, value_stats, zero_rows)
-from .attention import attention
+from .attention import attention, window_ok
 
 
 def slots(key: jnp.ndarray, value: jnp.ndarray, rotation: jnp.ndarray | None,
@@ -81,14 +81,20 @@ def full_dequant(kv_cache: jnp.ndarray, block_table: jnp.ndarray, seq_lens: jnp.
 
 def decode(query: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
            seq_lens: jnp.ndarray, rotation: jnp.ndarray | None, centroids: jnp.ndarray,
-           lay: VllmSlot, norm_correction: bool, scale: float) -> jnp.ndarray:
-    """query [B, H_Q, D] (raw) -> float32 [B, H_Q, D]: gather, dequantize, attention."""
+           lay: VllmSlot, norm_correction: bool, scale: float,
+           window: tuple[int, int] | None = None, softcap: float | None = None,
+           sinks: jnp.ndarray | None = None) -> jnp.ndarray:
+    """query [B, H_Q, D] (raw), at position ``seq_len - 1`` -> float32 [B, H_Q, D]: gather,
+    dequantize, attention (window (left, right), soft cap, sinks [H_Q]: as
+    :func:`attention.attention`)."""
     n_pos = block_table.shape[1] * kv_cache.shape[1]
     k, v = full_dequant(kv_cache, block_table, seq_lens, centroids, lay, norm_correction,
                         n_pos)
     _, valid = gather_slots(kv_cache, block_table, seq_lens, n_pos)
+    at = (jnp.clip(seq_lens, 0, n_pos) - 1)[:, None]
+    valid = valid & window_ok(jnp.arange(n_pos)[None, :], at, window)
     q = query.astype(jnp.float32)
     if not lay.key_fp8:
         q = jnp.matmul(q, rotation.T, precision=lax.Precision.HIGHEST)
     mask = jnp.where(valid, 0.0, -jnp.inf)[:, None, None, :]
-    return attention(q[:, :, None, :], k, v, scale, False, mask)[:, :, 0, :]
+    return attention(q[:, :, None, :], k, v, scale, False, mask, softcap, sinks)[:, :, 0, :]

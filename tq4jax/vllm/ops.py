@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from .. import pallas_triton as triton
+from .._checks import check_attention_extras
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
 from ..layout import to_dtype
-from ..pallas_triton.lut import codebook_parts
+from ..pallas_triton.lut import codebook_parts, codebook_split_parts
 from ..pallas_triton.tuning import (DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
                                     vllm_decode_config)
 from ..pallas_triton.vllm_tiles import value_table
@@ -79,8 +80,10 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
                       seq_lens: ArrayLike, Pi: ArrayLike, centroids: ArrayLike, scale: float,
                       mse_bits: int, key_packed_size: int, value_quant_bits: int,
                       key_fp8: bool = False, norm_correction: bool = False,
-                      max_num_kv_splits: int = 32, *, config: DecodeConfig | None = None,
-                      impl: str = "auto") -> jax.Array:
+                      max_num_kv_splits: int = 32, *,
+                      local_window_size: int | tuple[int, int] | None = None,
+                      logit_soft_cap: float | None = None, sinks: ArrayLike | None = None,
+                      config: DecodeConfig | None = None, impl: str = "auto") -> jax.Array:
     """One query per sequence against a vLLM TurboQuant cache.
 
     Args:
@@ -89,7 +92,11 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         int32; seq_lens: [B] int32; centroids: [2**mse_bits] float32; scale: the softmax
         scale (static float).
       mse_bits ... norm_correction: the layout (static). max_num_kv_splits: the fixed split
-        grid. config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`).
+        grid. local_window_size: keys the query (at position ``seq_len - 1``) sees: an int
+        ``w`` or ``(w, right)`` - the last ``w + 1`` positions (right is moot for decode).
+        logit_soft_cap: logits -> ``cap * tanh(logits / cap)`` (Gemma; static float).
+        sinks: [H_Q] float per-head sink logits joining the softmax denominator.
+        config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`).
     Returns:
       [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
       are never read; block ids are clamped into the cache; length 0 gives zeros.
@@ -98,19 +105,27 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     query, kv_cache, block_table, seq_lens, rotation, centroids, lay, nc, scale = check_decode(
         query, kv_cache, block_table, seq_lens, Pi, centroids, scale, mse_bits,
         key_packed_size, value_quant_bits, key_fp8, norm_correction, max_num_kv_splits)
+    window, softcap, sinks = check_attention_extras(query.shape[1], local_window_size,
+                                                    logit_soft_cap, sinks)
     path = resolve_impl(impl)
     config = check_config(config, DecodeConfig, path, "turboquant_decode")
     if path == "reference":
         return to_dtype(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
-                                   lay, nc, scale), query.dtype)
+                                   lay, nc, scale, window, softcap, sinks), query.dtype)
+    config = config or vllm_decode_config(lay)
     if lay.key_fp8:
         k_table, k_lut = centroids, False
+    elif config.precise:
+        (hi, hi_lut), (lo, lo_lut) = codebook_split_parts(centroids, query.dtype, raw_centroids)
+        k_table, k_lut = (hi, lo), (hi_lut, lo_lut)
     else:
         k_table, k_lut = codebook_parts(centroids, query.dtype, raw_centroids)
     return triton.vllm.decode(query, kv_cache, block_table, seq_lens, rotation, k_table,
                               lay=lay, nc=nc, k_lut=k_lut, v_lut=value_table(query.dtype)[1],
-                              scale=scale, splits=max_num_kv_splits,
-                              cfg=config or vllm_decode_config(lay), mode=kernel_mode())
+                              scale=scale, splits=max_num_kv_splits, cfg=config,
+                              mode=kernel_mode(), sinks=sinks,
+                              window_left=None if window is None else window[0],
+                              softcap=softcap)
 
 
 def full_dequant_kv(kv_cache: ArrayLike, block_table: ArrayLike, seq_lens: ArrayLike,
