@@ -15,6 +15,7 @@ set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .vectors ] && export TQ4JAX_VECTORS=$PWD/.vectors  # carried copy of ../shared/vectors
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}  # jax-triton/torch Triton kernels
 STAGES=${STAGES:-tests}; SEEDS=${SEEDS:-0}; WORKERS=${WORKERS:-8}
 status=0
 note() { echo "== $* ($(date +%T))"; }

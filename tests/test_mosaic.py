@@ -57,10 +57,10 @@ def test_decode_matches_oracle(rng, cfg):
 def test_decode_asymmetric_codebooks_and_full_length(rng):
     """A 3-bit V codebook beside a 4-bit K one (two tables), no kv_lengths (every key), a
     group of 3 query heads (padded to the kernel's 16 columns)."""
-    q, kp, kn, vp, vn, cent, vc, rot = _decode_case(rng, 2, 3, 1, 70, v_bits=3)
+    q, kp, kn, vp, vn, cent, vc, rot = _decode_case(rng, 2, 3, 1, 72, v_bits=3)
     got = tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, v_centroids=vc,
                                     config=MosaicConfig(2, 2), impl="mosaic")
-    want = _want(q, kp, kn, vp, vn, cent, vc, rot, [70, 70])
+    want = _want(q, kp, kn, vp, vn, cent, vc, rot, [72, 72])
     assert rel_l2(got, want) < 1e-2
 
 
@@ -75,6 +75,9 @@ def test_refused_shapes_and_configs(rng):
     with pytest.raises(TypeError, match="config must be a"):
         tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, impl="mosaic",
                                   config=tq.pallas_triton.tuning.Config(16, 64, 4, 2))
+    q, kp, kn, vp, vn, cent, vc, rot = _decode_case(rng, 1, 4, 2, 70)
+    with pytest.raises(ValueError, match="no Mosaic GPU kernel"):  # 70 keys: TMA tiling of 8
+        tq.flash_attention_tq4_kv(q, kp, kn, vp, vn, cent, rot, impl="mosaic")
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["prmt", "select"])

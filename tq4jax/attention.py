@@ -112,7 +112,7 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
     group = hq // hkv
     plain = mask is None and window is None and softcap is None and sinks is None
     mosaic_ok = (compressed_k and compressed_v and plain
-                 and not (causal and offsets) and mosaic.supported(d, group, sq))
+                 and not (causal and offsets) and mosaic.supported(d, group, sq, sk))
     path = resolve_impl(impl, mosaic=mosaic_ok)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else Config, path,
                           "attention")

@@ -45,10 +45,11 @@ class MosaicConfig(NamedTuple):
     stages: int = 2
 
 
-def supported(head_dim: int, group: int, sq: int) -> bool:
+def supported(head_dim: int, group: int, sq: int, sk: int) -> bool:
     """Shapes this kernel serves: decode (one query per sequence), D = 128, <= 16 query heads
-    per KV head."""
-    return head_dim == D and group <= NQ and sq == 1
+    per KV head, a cache length ``sk`` that is a multiple of 8 (the TMA tiling of the code and
+    norm arrays' key axis: other lengths fail to compile on the GPU)."""
+    return head_dim == D and group <= NQ and sq == 1 and sk % 8 == 0
 
 
 class _Ops:
