@@ -97,12 +97,12 @@ def sweep(q, k, v, table, slots, lens, name: str = "turboquant_4bit_nc") -> None
 
 
 def precision(q, k, v, table, slots, lens, ctx: int) -> None:
-    """Float32-accurate scores (DecodeConfig.precise, the default) against single 16-bit
-    dots: GPU time and relative L2 / Linf difference from the reference, per preset, fp16 and
-    bf16 queries."""
-    print(f"\n# score precision: B={B}, {ctx} context\n\n| preset | q dtype | precise GPU ms | "
-          "16-bit GPU ms | cost | precise rel L2 / Linf | 16-bit rel L2 / Linf |\n"
-          "|---|---|---|---|---|---|---|")
+    """The score modes (DecodeConfig.scores: float32-accurate "split", query-only "split_q",
+    single 16-bit dots): GPU time and relative L2 / Linf difference from the reference, per
+    preset, fp16 and bf16 queries (3x the bench's queries: larger logits)."""
+    modes = V.SCORE_MODES
+    print(f"\n# score modes: B={B}, {ctx} context; GPU ms (rel L2 / rel Linf vs reference)\n\n"
+          "| preset | q dtype | " + " | ".join(modes) + " |\n|---|---|" + "---|" * len(modes))
     for name in V.PRESETS:
         pr = V.preset(name, D)
         if pr.key_fp8:
@@ -111,20 +111,19 @@ def precision(q, k, v, table, slots, lens, ctx: int) -> None:
         cent, _ = tq.lloyd_max(D, pr.mse_bits)
         cache, _ = store_case(pr, k, v, slots, pi, cent)
         for dt in (jnp.float16, jnp.bfloat16):
-            qd = (q * 3).astype(dt)  # larger logits: where the rounding shows
+            qd = (q * 3).astype(dt)
             ref = jax.jit(lambda q, c, t, n, pr=pr, pi=pi, cent=cent: V.turboquant_decode(
                 q, c, t, n, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl="reference"))(
                 qd, cache, table, lens).astype(jnp.float32)
-            res = []
-            for prec in (True, False):
-                fn = decode_fn(pr, pi, cent, cfg=V.DecodeConfig(precise=prec))
+            cells = []
+            for mode in modes:
+                fn = decode_fn(pr, pi, cent, cfg=V.DecodeConfig(scores=mode))
                 out = fn(qd, cache, table, lens).astype(jnp.float32)
-                err = (float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)),
-                       float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))))
-                res.append((device_ms(fn, qd, cache, table, lens), err))
-            (tp, ep), (t16, e16) = res
-            print(f"| {name} | {jnp.dtype(dt).name} | {tp:.4f} | {t16:.4f} | {tp / t16:.2f}x | "
-                  f"{ep[0]:.1e} / {ep[1]:.1e} | {e16[0]:.1e} / {e16[1]:.1e} |", flush=True)
+                l2 = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                linf = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+                cells.append(f"{device_ms(fn, qd, cache, table, lens):.4f} ({l2:.1e} / "
+                             f"{linf:.1e})")
+            print(f"| {name} | {jnp.dtype(dt).name} | " + " | ".join(cells) + " |", flush=True)
         del cache
 
 
@@ -133,7 +132,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", nargs="?", const="turboquant_4bit_nc", metavar="PRESET")
     ap.add_argument("--precision", action="store_true",
-                    help="only the precise vs 16-bit score table (32K; --quick: 8K)")
+                    help="only the score-mode table (32K; --quick: 8K)")
     a = ap.parse_args()
     if a.sweep:
         print(f"# vLLM-layout decode sweep: {device_line()}")

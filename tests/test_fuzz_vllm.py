@@ -121,7 +121,7 @@ def _vllm_check_store(name, cache0, caches, key, val, slots, pi, cent, lay):
 
 #: Cases the fuzz found, replayed every run. 16-bit scores (q_rot and the codebook rounded to
 #: fp16, one tensor-core dot) put turboquant_k3v4_nc 2.6e-3 from the float32-scoring
-#: reference (seed 1); fixed by float32-accurate (hi, lo) scores, DecodeConfig.precise.
+#: reference (seed 1); fixed by the query as a (hi, lo) pair (DecodeConfig.scores "split_q").
 FOUND = [dict(bs=8, max_blocks=3, lens=[0, 0, 0, 35], d=256, hkv=2, group=8, q_dtype="float16",
               kv_dtype="float16", garbage="huge", extra_blocks=3, skipped_tokens=0,
               rotation="haar", splits=1, scale=1.5, q_scale=1.0, max_seq=None,

@@ -465,8 +465,8 @@ def test_codebook_decodes_in_registers():
         text = kernel_jaxpr(fn, *args, *extra)
         return text.count("prmt.b32 m0"), text.count("mov.b32 cb")
 
-    for precise, k_tables in ((True, 2), (False, 1)):  # float32-accurate scores: hi, lo
-        cfg = DecodeConfig(precise=precise)
+    for scores, k_tables in (("split", 2), ("split_q", 1), ("16bit", 1)):  # split: hi, lo
+        cfg = DecodeConfig(scores=scores)
         closed = lambda q, ca, b, n: V.turboquant_decode(  # noqa: E731
             q, ca, b, n, pi, c, 0.1, **pr.decode_kwargs(), config=cfg, impl="pallas")
         traced = lambda q, ca, b, n, cent: V.turboquant_decode(  # noqa: E731

@@ -111,22 +111,26 @@ PAGED_DECODE_PREFETCH = True
 # ----------------------------------------------------------------------------------------------
 
 
+#: :class:`DecodeConfig` ``scores`` modes.
+SCORE_MODES = ("split", "split_q", "16bit")
+
+
 class DecodeConfig(NamedTuple):
     """Tiling of the vLLM-layout decode kernel. ``prefetch``: each key tile loads the next
     tile's cache rows and fp16 scalars (key norm, value scale and zero) a loop iteration ahead;
     ``nc_dot``: norm correction sums the squared decoded centroids of each key with two more
     tensor-core dots (a ones matrix times the squared halves) instead of row reductions;
-    ``precise``: MSE-key scores float32-accurate as vLLM's original computes them (query and
-    codebook as 16-bit (hi, lo) pairs, three tensor-core dots per half, the norm correction in
-    float32; ``nc_dot`` then unused), else single 16-bit dots (q and centroids rounded to the
-    query's dtype: up to ~2% (bf16) / 3e-3 (fp16) from float32 scoring when one logit
-    dominates, tests/test_fuzz_vllm.py)."""
+    ``scores`` (MSE keys): ``"split"`` float32-accurate as vLLM's original scores (query and
+    codebook as 16-bit (hi, lo) pairs, three tensor-core dots per half, a second codebook
+    decode, the norm correction in float32; ``nc_dot`` unused); ``"split_q"`` the query as a
+    (hi, lo) pair (two dots per half), the codebook in the query's dtype; ``"16bit"`` single
+    16-bit dots (q and centroids rounded to the query's dtype)."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = True
     nc_dot: bool = True
-    precise: bool = True
+    scores: str = "split_q"
 
 
 def vllm_decode_config(lay: VllmSlot) -> DecodeConfig:

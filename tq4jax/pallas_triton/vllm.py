@@ -148,7 +148,7 @@ class DecodeSpec(NamedTuple):
     cfg: DecodeConfig
     splits: int
     scale_log2: float
-    precise: bool = False
+    scores: str = "16bit"
     window_left: int | None = None
     softcap: float | None = None
 
@@ -184,7 +184,7 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
         if lay.key_fp8:  # raw keys: the raw query
             q = load_tile(q_ref, qrow, r_ok, cols, c_ok)
             dt = q.dtype
-        elif spec.precise:  # rotated query as (hi, lo) pairs of (even, odd) coordinates
+        elif spec.scores != "16bit":  # rotated query as (hi, lo) pairs of (even, odd) halves
             q = tuple(query_halves(ref, None, qrow, r_ok, d) for ref in q_ref)
             dt = q[0][0].dtype
         else:  # rotated query, even and odd coordinates apart
@@ -207,7 +207,7 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
             return rows, fetch_slot_scalars(cache_refs, rows, pmask, lay)
 
         def scores(raw_k):  # q @ k^T of a key tile, log2 units, f32 [block_m, block_n]
-            if spec.precise:  # float32-accurate: q_hi k_hi + q_lo k_hi + q_hi k_lo / S
+            if spec.scores == "split":  # float32-accurate: q_hi k_hi + q_lo k_hi + q_hi k_lo / S
                 (qh, ql), (kh, kl, kf) = q, key_split_from_raw(raw_k, lay, k_table, dt, k_lut, nc)
                 s = sum(dot(qh[i], kh[i].T) + dot(ql[i], kh[i].T)
                         + dot(qh[i], kl[i].T) * (1.0 / SPLIT_SCALE) for i in (0, 1))
@@ -215,7 +215,11 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
             k, kf = key_from_raw(raw_k, lay, k_table, dt, k_lut, nc and not cfg.nc_dot)
             if kf is None:
                 return dot(q, k.T) * scale_log2
-            s = (dot(q[0], k[0].T) + dot(q[1], k[1].T)) * (kf * scale_log2)[None, :]
+            if spec.scores == "split_q":  # q_hi k + q_lo k
+                s = sum(dot(q[0][i], k[i].T) + dot(q[1][i], k[i].T) for i in (0, 1))
+            else:
+                s = dot(q[0], k[0].T) + dot(q[1], k[1].T)
+            s = s * (kf * scale_log2)[None, :]
             if nc and cfg.nc_dot:  # every row: the key's centroid norm squared, on tensor cores
                 sq = dot(ones, (k[0] * k[0]).T) + dot(ones, (k[1] * k[1]).T)
                 s = s * lax.rsqrt(sq + VLLM_NC_EPS)
@@ -247,7 +251,7 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
 
         zero_rows = jnp.zeros((block_m,), jnp.float32)
         half = jnp.zeros((block_m, cols.shape[0] // 2), jnp.float32)
-        if nc and cfg.nc_dot and not spec.precise:  # weight 1 per coordinate, 0 padding
+        if nc and cfg.nc_dot and spec.scores != "split":  # weight 1 per coordinate, 0 padding
             _, h_ok = columns(d // 2)
             ones = jnp.ones(half.shape, dt) if h_ok is None else jnp.broadcast_to(
                 h_ok[None, :].astype(dt), half.shape)
@@ -284,18 +288,18 @@ def decode(query: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
     group = hq // hkv
     block_m = max(16, next_pow2(group))
     dt = query.dtype
-    precise = cfg.precise and not lay.key_fp8
-    rot_q = not lay.key_fp8 and not precise and rotate_in_kernel(d, group)
+    scores = "16bit" if lay.key_fp8 else cfg.scores
+    rot_q = scores == "16bit" and not lay.key_fp8 and rotate_in_kernel(d, group)
     q_rot = tuple(rotation_parts(rotation, dt).q_halves) if rot_q else None
     query = query.reshape(b * hq, d)
-    if precise:  # q @ Pi^T in float32, as 16-bit (hi, lo) with q ~= hi + lo
+    if scores != "16bit":  # q @ Pi^T in float32, as 16-bit (hi, lo) with q ~= hi + lo
         query = split16(rotate_in_xla(query, rotation, jnp.float32), dt, scale=1.0)
     elif not lay.key_fp8 and not rot_q:
         query = rotate_in_xla(query, rotation)
     v_table, _ = value_table(dt)
     rows = b * hq * splits
     spec = DecodeSpec(lay, nc, k_lut, v_lut, bs, hkv, group, block_m, cfg, splits,
-                      scale * LOG2E, precise, window_left, softcap)
+                      scale * LOG2E, scores, window_left, softcap)
     o, lse = pallas_call(partial(_decode_kernel, spec=spec), mode=mode, grid=(b, hkv, splits),
                          out_shape=(jax.ShapeDtypeStruct((rows, d), jnp.float32),
                                     jax.ShapeDtypeStruct((rows,), jnp.float32)),

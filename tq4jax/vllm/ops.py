@@ -20,7 +20,7 @@ from .._checks import check_attention_extras
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
 from ..layout import to_dtype
 from ..pallas_triton.lut import codebook_parts, codebook_split_parts
-from ..pallas_triton.tuning import (DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
+from ..pallas_triton.tuning import (SCORE_MODES, DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
                                     vllm_decode_config)
 from ..pallas_triton.vllm_tiles import value_table
 from ..reference import vllm as ref
@@ -115,7 +115,9 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     config = config or vllm_decode_config(lay)
     if lay.key_fp8:
         k_table, k_lut = centroids, False
-    elif config.precise:
+    elif config.scores not in SCORE_MODES:
+        raise ValueError(f"config.scores must be one of {SCORE_MODES}, got {config.scores!r}")
+    elif config.scores == "split":
         (hi, hi_lut), (lo, lo_lut) = codebook_split_parts(centroids, query.dtype, raw_centroids)
         k_table, k_lut = (hi, lo), (hi_lut, lo_lut)
     else:
