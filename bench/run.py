@@ -187,6 +187,28 @@ def plots(rows: list[dict], mem: list[dict], stem: str) -> list[str]:
     return paths
 
 
+def parse_markdown(path: str) -> tuple[list[dict], list[dict]]:
+    """The rows and memory table of a results file this script wrote (for ``--replot``)."""
+    rows, mem, fam = [], [], None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("## "):
+                fam = line.split()[1].rstrip(":")
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("|") or not cells[-1] or cells[0] in ("op", "budget GiB") \
+                    or set(cells[0]) <= set("-"):
+                continue
+            if fam in ("decode", "prefill"):
+                rows.append(dict(family=fam, op=cells[0], impl=cells[1], B=int(cells[2]),
+                                 ctx=int(cells[3]), ms=float(cells[4]),
+                                 **{k: float(v) for k, v in zip(
+                                     ("SDPA fp16", "jax cuDNN", "jax XLA"), cells[5:8])}))
+            elif fam == "memory":
+                mem.append({"budget_gib": int(cells[0]), "dense fp16": int(cells[1]),
+                            "TQ4": int(cells[2])})
+    return rows, mem
+
+
 def main(argv: list[str] | None = None) -> None:
     gpu = jax.default_backend() == "gpu"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -199,7 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", help="decode batches (GPU default 1 8 32)")
     ap.add_argument("--ctx", type=int, nargs="+",
                     help="decode contexts (GPU default 1024 8192 32768 131072)")
+    ap.add_argument("--replot", metavar="RESULTS_MD",
+                    help="only redraw the plots of a results file (measured data, no runs)")
     a = ap.parse_args(argv)
+    if a.replot:
+        pngs = plots(*parse_markdown(a.replot), a.replot[:-len(".md")])
+        print(f"wrote {len(pngs)} plots" if pngs else "no matplotlib: no plots")
+        return
     if gpu:
         batches, contexts = ((8,), (8192, 32768)) if a.quick else ((1, 8, 32),
                                                                   (1024, 8192, 32768, 131072))

@@ -291,9 +291,13 @@ def test_jax_triton_paged_decode_in_one_jit(jt, orig, rng, padded):
                                  jt.paged_decode(q, c, *args, hkv, d, bs)))
     ours, theirs = both(q, p["cache"])
     assert rel_l2(ours, np.asarray(theirs, np.float32)) < ATTN_TOL
-    # the same kernel launched by torch: equal up to the autotuner's tile choice (sum order)
+    # the same kernel launched by torch: its autotuner may pick another warp count than
+    # jax-triton's, and the original reduces q . k in fp16 (tl.sum of fp16 products), so the
+    # two launches need not agree bit for bit; each is within ATTN_TOL of tq4jax, so within
+    # twice that of each other
     c = lambda x: cu(orig, x)  # noqa: E731
     torch_run = orig.fused_paged_tq4_decode(c(q), interop.paged_cache_to_torch(p["cache"], hkv, d),
                                             c(p["table"]), c(p["lens"]), c(p["cent"]),
                                             c(p["rot"]), hkv, d, bs)
-    assert rel_l2(theirs, np32(torch_run)) < 2e-3
+    assert rel_l2(ours, np32(torch_run)) < ATTN_TOL
+    assert rel_l2(theirs, np32(torch_run)) < 2 * ATTN_TOL

@@ -5,9 +5,9 @@
   codebook lookups (:mod:`.lut`).
 
 Chosen only by ``impl="mosaic"``: it is correct on an H200 but not yet faster than the
-Triton-lowered kernels (bench/RESULTS.md, 2026-12-03), so ``auto`` keeps those. Without a GPU
-the kernels run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the
-CPU. API differences between jax versions live in :mod:`.compat`.
+Triton-lowered kernels (bench/RESULTS.md), so ``auto`` keeps those. Without a GPU the kernels
+run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the CPU. API
+differences between jax versions live in :mod:`.compat`.
 """
 
 from .decode import MosaicConfig, decode, supported

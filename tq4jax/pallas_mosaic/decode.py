@@ -12,8 +12,8 @@ split writes its normalized O^T and its log-sum-exp; the wrapper merges the spli
 (:func:`tq4jax.core.merge_splits`) and restores the coordinate order.
 
 Status: correct on an H200 (relative L2 3.6e-4, Lane and Warpgroup semantics) but slower than
-the Triton-lowered kernel (bench/RESULTS.md, 2026-12-03): an experimental backend, chosen only
-by ``impl="mosaic"``.
+the Triton-lowered kernel (bench/RESULTS.md): an experimental backend, chosen only by
+``impl="mosaic"``.
 """
 
 from __future__ import annotations

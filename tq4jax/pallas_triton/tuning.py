@@ -2,7 +2,7 @@
 threshold the kernels use, with the benchmark that chose it.
 
 All choices were measured on an NVIDIA H200 with jax 0.11.2 on 2026-11-21 by the command
-named beside each (numbers in bench/RESULTS.md, sections of that date). Every public kernel
+named beside each (numbers in bench/HISTORY.md, sections of that date). Every public kernel
 op takes ``config=`` to override them (sweeps and benchmarks use that, not these globals).
 """
 
@@ -122,9 +122,11 @@ class DecodeConfig(NamedTuple):
     tensor-core dots (a ones matrix times the squared halves) instead of row reductions;
     ``scores`` (MSE keys): ``"split"`` float32-accurate as vLLM's original scores (query and
     codebook as 16-bit (hi, lo) pairs, three tensor-core dots per half, a second codebook
-    decode, the norm correction in float32; ``nc_dot`` unused); ``"split_q"`` the query as a
-    (hi, lo) pair (two dots per half), the codebook in the query's dtype; ``"16bit"`` single
-    16-bit dots (q and centroids rounded to the query's dtype)."""
+    decode, the norm correction in float32; ``nc_dot`` unused); ``"split_q"`` the query as an
+    fp16 (hi, lo) pair (two dots per half) and the codebook in fp16, also for bf16 queries
+    (rows scaled into fp16's range by a power of two); ``"16bit"`` single 16-bit dots (q and
+    centroids rounded to the query's dtype). ``bench/vllm_layout.py --precision``, 2026-12-03:
+    split_q +5-17% time over 16bit, split 2.0-4.4x."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3

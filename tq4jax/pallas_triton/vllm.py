@@ -29,7 +29,7 @@ from ..layout import (VLLM_NC_EPS, VLLM_NORM_BYTES, VLLM_NORM_EPS, VllmSlot,
                       value_stats, zero_rows)
 from .attention import query_halves
 from .call import pallas_call
-from .tiles import (M_INIT, bucketize, columns, dot32, dot_split, interleave, key_loop,
+from .tiles import (M_INIT, bucketize, columns, dot32, dot_split, interleave, key_loop, load_rows,
                     load_tile, lse_of, softmax_step, store_rows, store_tile, tile_index)
 from .tuning import CodecConfig, DecodeConfig, rotate_in_kernel
 from .vllm_tiles import (cache_views, fetch_slot_codes, fetch_slot_scalars, fetch_slots,
@@ -159,7 +159,8 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
     split's normalized output ``acc / l`` and its log-sum-exp (natural log), rows
     ``((b * H_Q + hq) * splits + split)``. An empty split writes nothing.
 
-    Refs: q [B * H_Q, D] (rotated unless ``q_rot``, the Pi^T halves); the cache as slots
+    Refs: q [B * H_Q, D] (rotated unless ``q_rot``, the Pi^T halves; with split scores a
+    tuple (hi, lo, per-row score factor [B * H_Q] f32 or None)); the cache as slots
     [rows, slot] uint8 and as fp16 words (flat); the flat block table; seq_lens [B]; the key
     codebook table and the value level table; outputs o [B * H_Q * S, D], lse [B * H_Q * S]."""
     lay, nc, cfg, splits = spec.lay, spec.nc, spec.cfg, spec.splits
@@ -185,8 +186,10 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
             q = load_tile(q_ref, qrow, r_ok, cols, c_ok)
             dt = q.dtype
         elif spec.scores != "16bit":  # rotated query as (hi, lo) pairs of (even, odd) halves
-            q = tuple(query_halves(ref, None, qrow, r_ok, d) for ref in q_ref)
+            q = tuple(query_halves(ref, None, qrow, r_ok, d) for ref in q_ref[:2])
             dt = q[0][0].dtype
+            if q_ref[2] is not None:  # the rows were scaled into fp16's range: undo on s
+                row_factor = load_rows(q_ref[2], qrow, r_ok)
         else:  # rotated query, even and odd coordinates apart
             q = query_halves(q_ref, q_rot, qrow, r_ok, d)
             dt = q[0].dtype
@@ -217,6 +220,8 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
                 return dot(q, k.T) * scale_log2
             if spec.scores == "split_q":  # q_hi k + q_lo k
                 s = sum(dot(q[0][i], k[i].T) + dot(q[1][i], k[i].T) for i in (0, 1))
+                if q_ref[2] is not None:
+                    s = s * row_factor[:, None]
             else:
                 s = dot(q[0], k[0].T) + dot(q[1], k[1].T)
             s = s * (kf * scale_log2)[None, :]
@@ -265,6 +270,26 @@ def _decode_kernel(q_ref, q_rot, cache_ref, words_ref, bt_ref, lens_ref, k_table
         store_rows(lse_ref, orow, r_ok, lse_of(m, l_fin))
 
 
+def compute_dtype(query_dtype: Any, scores: str, key_fp8: bool) -> Any:
+    """The 16-bit type the decode kernel's tiles (query, codebook, P) use: fp16 for
+    ``split_q`` scores (bf16 queries too: fp16's 11-bit mantissa keeps the codebook 8x finer),
+    else the query's."""
+    return jnp.float16 if scores == "split_q" and not key_fp8 else query_dtype
+
+
+def split_query(q32: jnp.ndarray, ct: Any, from_bf16: bool) -> tuple:
+    """Rotated queries f32 [R, D] -> (hi, lo, row factor) in ``ct`` with ``q ~= (hi + lo) *
+    factor``: bf16 queries (``from_bf16``) in fp16 tiles are first scaled per row by a power of
+    two so their largest coordinate is at most 2**14 (factor f32 [R]); else factor None
+    (fp16 queries: ``||q|| < 65504``, as every fp16 kernel needs)."""
+    factor = None
+    if from_bf16 and jnp.dtype(ct) == jnp.float16:
+        top = jnp.max(jnp.abs(q32), axis=1)
+        factor = jnp.exp2(jnp.maximum(0.0, jnp.ceil(jnp.log2(top / 2.0 ** 14))))
+        q32 = q32 / factor[:, None]
+    return (*split16(q32, ct, scale=1.0), factor)
+
+
 def key_window(seq_len: Any, left: int | None) -> Any:
     """First position a decode query (at ``seq_len - 1``) sees with a window of ``left``
     keys to its left (None: 0); jnp or in-kernel."""
@@ -289,14 +314,16 @@ def decode(query: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndarray,
     block_m = max(16, next_pow2(group))
     dt = query.dtype
     scores = "16bit" if lay.key_fp8 else cfg.scores
+    ct = compute_dtype(dt, cfg.scores, lay.key_fp8)
     rot_q = scores == "16bit" and not lay.key_fp8 and rotate_in_kernel(d, group)
     q_rot = tuple(rotation_parts(rotation, dt).q_halves) if rot_q else None
     query = query.reshape(b * hq, d)
     if scores != "16bit":  # q @ Pi^T in float32, as 16-bit (hi, lo) with q ~= hi + lo
-        query = split16(rotate_in_xla(query, rotation, jnp.float32), dt, scale=1.0)
+        query = split_query(rotate_in_xla(query, rotation, jnp.float32), ct,
+                            dt == jnp.bfloat16)
     elif not lay.key_fp8 and not rot_q:
         query = rotate_in_xla(query, rotation)
-    v_table, _ = value_table(dt)
+    v_table, _ = value_table(ct)
     rows = b * hq * splits
     spec = DecodeSpec(lay, nc, k_lut, v_lut, bs, hkv, group, block_m, cfg, splits,
                       scale * LOG2E, scores, window_left, softcap)

@@ -20,8 +20,8 @@ from .._checks import check_attention_extras
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
 from ..layout import to_dtype
 from ..pallas_triton.lut import codebook_parts, codebook_split_parts
-from ..pallas_triton.tuning import (SCORE_MODES, DEQUANT_TILING, STORE_TILING, CodecConfig, DecodeConfig,
-                                    vllm_decode_config)
+from ..pallas_triton.tuning import (DEQUANT_TILING, SCORE_MODES, STORE_TILING, CodecConfig,
+                                    DecodeConfig, vllm_decode_config)
 from ..pallas_triton.vllm_tiles import value_table
 from ..reference import vllm as ref
 from ._checks import check_decode, check_dequant, check_store
@@ -113,6 +113,7 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         return to_dtype(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
                                    lay, nc, scale, window, softcap, sinks), query.dtype)
     config = config or vllm_decode_config(lay)
+    ct = triton.vllm.compute_dtype(query.dtype, config.scores, lay.key_fp8)
     if lay.key_fp8:
         k_table, k_lut = centroids, False
     elif config.scores not in SCORE_MODES:
@@ -121,9 +122,9 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         (hi, hi_lut), (lo, lo_lut) = codebook_split_parts(centroids, query.dtype, raw_centroids)
         k_table, k_lut = (hi, lo), (hi_lut, lo_lut)
     else:
-        k_table, k_lut = codebook_parts(centroids, query.dtype, raw_centroids)
+        k_table, k_lut = codebook_parts(centroids, ct, raw_centroids)
     return triton.vllm.decode(query, kv_cache, block_table, seq_lens, rotation, k_table,
-                              lay=lay, nc=nc, k_lut=k_lut, v_lut=value_table(query.dtype)[1],
+                              lay=lay, nc=nc, k_lut=k_lut, v_lut=value_table(ct)[1],
                               scale=scale, splits=max_num_kv_splits, cfg=config,
                               mode=kernel_mode(), sinks=sinks,
                               window_left=None if window is None else window[0],
