@@ -475,10 +475,12 @@ def test_codebook_decodes_in_registers():
         assert n_asm(traced, s((16,), jnp.float32)) == (4 * k_tables, 4)
 
 
-def test_bf16_queries_beyond_fp16_range(rng):
+@pytest.mark.parametrize("scores", V.SCORE_MODES)
+def test_bf16_queries_beyond_fp16_range(rng, scores):
     """split_q scores run bf16 queries in fp16 tiles: rows whose rotated coordinates exceed
     fp16's range (here |q| ~ 1e6) are scaled by a power of two and the scores scaled back, so
-    they match the reference like ordinary ones (bf16 bound of test_store_decode_round_trip)."""
+    they match the reference like ordinary ones (bf16 bound of test_store_decode_round_trip);
+    the other score modes (bf16 tiles) on the same input alike."""
     pr = V.preset("turboquant_4bit_nc", 64)
     c, _ = V.codebook(64, 4)
     pi = tq.haar_rotation(64, seed=3)
@@ -489,7 +491,8 @@ def test_bf16_queries_beyond_fp16_range(rng):
     q[1] *= 1e-3  # small: nothing to scale
     q = jnp.asarray(q * 1e-5, jnp.bfloat16) * 1e5  # bf16 values, logits ~ 1e5: one-hot rows
     args = (q, cache, bt, np.asarray(lens, np.int32), pi, c, 0.125)
-    got = V.turboquant_decode(*args, **pr.decode_kwargs(), impl="pallas")
+    got = V.turboquant_decode(*args, **pr.decode_kwargs(), impl="pallas",
+                              config=DecodeConfig(scores=scores))
     want = V.turboquant_decode(*args, **pr.decode_kwargs(), impl="reference")
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert rel_linf(got, want) < 2e-2

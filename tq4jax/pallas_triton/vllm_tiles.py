@@ -96,6 +96,16 @@ def fetch_slots(cache_refs, rows, rmask, lay: VllmSlot) -> tuple[tuple, tuple]:
                      fetch_slot_scalars(cache_refs, rows, rmask, lay))
 
 
+def nc_factor(norm: jnp.ndarray, halves: tuple, head_dim: int) -> jnp.ndarray:
+    """Norm correction: the fp16 ``norm`` [R] divided by the norm of the decoded centroid
+    vector, given as float32 (even, odd) halves [R, Dp/2] (padding columns decode c[0] and
+    are left out)."""
+    _, h_ok = columns(head_dim // 2)
+    sq = sum(jnp.sum(x * x if h_ok is None else jnp.where(h_ok[None, :], x * x, 0.0), axis=1)
+             for x in halves)
+    return norm / jnp.sqrt(sq + VLLM_NC_EPS)
+
+
 def key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple, nc: bool):
     """Key tiles -> (k, per-key factor f32 [R] or None): MSE keys give rotated-space
     centroids as (even, odd) coordinates [R, Dp/2] in ``dt`` and the factor (the fp16 norm,
@@ -107,13 +117,7 @@ def key_from_raw(raw: tuple, lay: VllmSlot, table_ref, dt, planes: bool | tuple,
     halves = decode_split(table_ref, codes, dt, planes, low_first=True)
     norm = fp16_value(raw[-1])
     if nc:
-        _, h_ok = columns(lay.head_dim // 2)
-
-        def sum_sq(x):  # over the real coordinates (padding decodes c[0])
-            x = x.astype(jnp.float32) ** 2
-            return jnp.sum(x if h_ok is None else jnp.where(h_ok[None, :], x, 0.0), axis=1)
-
-        norm = norm / jnp.sqrt(sum_sq(halves[0]) + sum_sq(halves[1]) + VLLM_NC_EPS)
+        norm = nc_factor(norm, [x.astype(jnp.float32) for x in halves], lay.head_dim)
     return halves, norm
 
 
@@ -127,14 +131,8 @@ def key_split_from_raw(raw: tuple, lay: VllmSlot, tables: tuple, dt, planes: tup
     hi, lo = (decode_split(t, codes, dt, p, low_first=True) for t, p in zip(tables, planes))
     norm = fp16_value(raw[-1])
     if nc:
-        _, h_ok = columns(lay.head_dim // 2)
-
-        def sum_sq(h, l):  # over the real coordinates (padding decodes c[0])
-            x = h.astype(jnp.float32) + l.astype(jnp.float32) * (1.0 / SPLIT_SCALE)
-            x = x * x
-            return jnp.sum(x if h_ok is None else jnp.where(h_ok[None, :], x, 0.0), axis=1)
-
-        norm = norm / jnp.sqrt(sum_sq(hi[0], lo[0]) + sum_sq(hi[1], lo[1]) + VLLM_NC_EPS)
+        norm = nc_factor(norm, [h.astype(jnp.float32) + l.astype(jnp.float32) / SPLIT_SCALE
+                                for h, l in zip(hi, lo)], lay.head_dim)
     return hi, lo, norm
 
 

@@ -119,7 +119,7 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     elif config.scores not in SCORE_MODES:
         raise ValueError(f"config.scores must be one of {SCORE_MODES}, got {config.scores!r}")
     elif config.scores == "split":
-        (hi, hi_lut), (lo, lo_lut) = codebook_split_parts(centroids, query.dtype, raw_centroids)
+        (hi, hi_lut), (lo, lo_lut) = codebook_split_parts(centroids, ct, raw_centroids)
         k_table, k_lut = (hi, lo), (hi_lut, lo_lut)
     else:
         k_table, k_lut = codebook_parts(centroids, ct, raw_centroids)
