@@ -3,6 +3,7 @@ the same inputs, and caches handed across both ways. Skipped with a reason witho
 torch, triton or turboquant-vllm (``../shared/tools/gpu_wheels.sh`` fetches the wheels)."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -278,6 +279,9 @@ def test_jax_triton_compress_in_one_jit(jt, rng, d):
     # as test_compress_vs_original: bytes equal except at boundary ties, norms to 1e-6
     assert_codes_match(np.asarray(mine), np.asarray(theirs), rotated, bnd)
     np.testing.assert_allclose(np.asarray(mn), np.asarray(tn), rtol=1e-6)
+    # jax-triton's import blanks TRITON_CACHE_DIR, which breaks torch-launched triton kernels
+    # in the same process; tq4jax.triton_originals puts the caller's setting back
+    assert os.environ.get("TRITON_CACHE_DIR") != ""
 
 
 @pytest.mark.gpu

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 from typing import Any
 
 import jax
@@ -43,7 +45,17 @@ def _load() -> tuple[Any, Any]:
     reason = available()
     if reason is not None:
         raise ImportError(f"tq4jax.triton_originals: {reason}")
-    import jax_triton
+    if "jax_triton" not in sys.modules:
+        # jax-triton 0.3.1 sets TRITON_CACHE_DIR="" on import, after which triton kernels
+        # launched from torch in the same process (the originals' own wrappers) fail with
+        # "Could not create or locate cache dir"; put the caller's setting back
+        before = os.environ.get("TRITON_CACHE_DIR")
+        import jax_triton  # noqa: F401
+        if before is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = before
+    import jax_triton  # noqa: F811
 
     from . import _jt_adapters
     return jax_triton, _jt_adapters
