@@ -15,6 +15,7 @@ Example (GPU)::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
@@ -50,12 +51,12 @@ def _load() -> tuple[Any, Any]:
         # launched from torch in the same process (the originals' own wrappers) fail with
         # "Could not create or locate cache dir"; put the caller's setting back
         before = os.environ.get("TRITON_CACHE_DIR")
-        import jax_triton  # noqa: F401
+        importlib.import_module("jax_triton")
         if before is None:
             os.environ.pop("TRITON_CACHE_DIR", None)
         else:
             os.environ["TRITON_CACHE_DIR"] = before
-    import jax_triton  # noqa: F811
+    import jax_triton
 
     from . import _jt_adapters
     return jax_triton, _jt_adapters
