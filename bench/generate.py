@@ -1,8 +1,10 @@
 """Decode step of the example Llama-style model (tq4jax.model): dense fp16 cache with jax cuDNN /
-XLA attention vs the TQ4-compressed cache, at 8K and 32K context; tokens/s; cache bytes; the
-longest context that fits a fixed KV-cache memory budget each way.
+XLA attention vs the TQ4-compressed cache on each kernel backend (Triton-lowered; Mosaic GPU on
+sm_90+), at 8K and 32K context; tokens/s; cache bytes; the longest context that fits a fixed
+KV-cache memory budget each way.
 
     PYTHONPATH=. python3 bench/generate.py [--quick] [--layers 16] [--batch 1 8]
+        [--backend triton mosaic]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import device_line  # noqa: E402
+from tq4jax import backend as tq_backend  # noqa: E402
 from tq4jax import model as llama  # noqa: E402
 from tq4jax.cache import DenseCache, TQ4Cache  # noqa: E402
 
@@ -63,12 +66,14 @@ def bench_config(layers: int = 16) -> llama.LlamaConfig:
                              n_kv_heads=8, head_dim=128, ffn_dim=8192, dtype="float16")
 
 
-def timed_steps(params, cfg, cache, batch: int, steps: int, step=None):
+def timed_steps(params, cfg, cache, batch: int, steps: int, step=None, backend=None):
     """Mean ms of ``steps`` decode steps after 2 warm-up steps (cache donated); returns
     (ms, jitted step, token, cache after the steps). ``step``: a jitted step from an earlier
-    call to reuse (no recompilation)."""
+    call to reuse (no recompilation); ``backend``: the TQ4 kernels' backend ("triton",
+    "mosaic"; None = auto)."""
     if step is None:
-        step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg), donate_argnums=2)
+        step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg, implementation=backend),
+                       donate_argnums=2)
     tok = jnp.zeros((batch, 1), jnp.int32)
     for _ in range(2):
         logits, cache = step(params, tok, cache)
@@ -99,6 +104,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget-gib", type=float, default=40.0)
     ap.add_argument("--reps", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--backend", nargs="+", default=["triton", "mosaic"],
+                    choices=["triton", "mosaic"], help="TQ4 kernel backends (mosaic: sm_90+)")
     a = ap.parse_args()
     cfg = bench_config(4 if a.quick else a.layers)
     params = random_params(cfg)
@@ -108,40 +115,46 @@ def main():
           f"{n_params / 1e9:.2f}B params fp16; one decode step (all layers + lm head)\n")
     steps, reps = (5, 1) if a.quick else (20, a.reps)
     print(f"ms per step: median of {reps} rounds of {steps} steps; the rounds interleave the "
-          "three caches (run-to-run drift hits all alike); range = min-max over the rounds\n")
-    print("| batch | context | dense cuDNN ms | dense XLA ms | TQ4 ms | TQ4 range | TQ4 tokens/s "
-          "| dense best / TQ4 | dense cache GiB | TQ4 cache GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "caches (run-to-run drift hits all alike); range = min-max over the rounds\n")
+    hopper = (tq_backend.compute_capability() or (0, 0)) >= (9, 0)
+    backends = [x for x in a.backend if x != "mosaic" or hopper]
+    tq4_cols = " | ".join(f"TQ4 {x} ms | TQ4 {x} range" for x in backends)
+    print(f"| batch | context | dense cuDNN ms | dense XLA ms | {tq4_cols} | TQ4 best tokens/s "
+          "| dense best / TQ4 best | dense cache GiB | TQ4 cache GiB |")
+    print("|---" * (8 + 2 * len(backends)) + "|")
     for b in a.batch:
         for ctx in ((8192,) if a.quick else (8192, 32768)):
             res, sizes, runs = {}, {}, {}
             for name, kind, impl in (("cudnn", "dense", "cudnn"), ("xla", "dense", "xla"),
-                                     ("tq4", "tq4", None)):
+                                     *((x, "tq4", x) for x in backends)):
                 try:
-                    cache = filled_cache(cfg, kind, b, ctx, reps * (steps + 2) + 4, impl)
+                    cache = filled_cache(cfg, kind, b, ctx, reps * (steps + 2) + 4,
+                                         impl if kind == "dense" else None)
                     sizes[kind] = cache.nbytes / 2**30
-                    runs[name] = [cache, None, []]  # cache, jitted step, times
+                    runs[name] = [cache, None, [], None if kind == "dense" else impl]
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} failed at B={b} ctx={ctx}: {type(e).__name__}: "
                           f"{str(e)[:120]}")
             for _ in range(reps):
                 for name, run in list(runs.items()):
                     try:
-                        ms, run[1], _, run[0] = timed_steps(params, cfg, run[0], b, steps, run[1])
+                        ms, run[1], _, run[0] = timed_steps(params, cfg, run[0], b, steps, run[1],
+                                                            run[3])
                         run[2].append(ms)
                     except Exception as e:  # noqa: BLE001
                         print(f"  {name} failed at B={b} ctx={ctx}: {type(e).__name__}: "
                               f"{str(e)[:120]}")
                         del runs[name]
             res = {name: float(np.median(run[2])) for name, run in runs.items()}
-            spread = runs["tq4"][2] if "tq4" in runs else [float("nan")]
+            spread = {name: (min(run[2]), max(run[2])) for name, run in runs.items()}
             del runs
             dense = min(res.get("cudnn", float("inf")), res.get("xla", float("inf")))
-            tq4 = res.get("tq4", float("nan"))
+            tq4 = min((res[x] for x in backends if x in res), default=float("nan"))
             fmt = lambda k: f"{res[k]:.3f}" if k in res else "-"  # noqa: E731
-            print(f"| {b} | {ctx} | {fmt('cudnn')} | {fmt('xla')} | {fmt('tq4')} | "
-                  f"{min(spread):.3f}-{max(spread):.3f} | {b / tq4 * 1e3:.1f} | "
-                  f"{dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
+            rng = lambda k: "%.3f-%.3f" % spread[k] if k in spread else "-"  # noqa: E731
+            cols = " | ".join(f"{fmt(x)} | {rng(x)}" for x in backends)
+            print(f"| {b} | {ctx} | {fmt('cudnn')} | {fmt('xla')} | {cols} | "
+                  f"{b / tq4 * 1e3:.1f} | {dense / tq4:.2f}x | {sizes.get('dense', 0):.2f} | "
                   f"{sizes.get('tq4', 0):.2f} |", flush=True)
     budget = int(a.budget_gib * 2**30)
     print(f"\nKV-cache budget {a.budget_gib:g} GiB, batch 1, {cfg.n_layers} layers:")

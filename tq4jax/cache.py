@@ -237,10 +237,14 @@ class TQ4Cache:
         t = query.shape[1]
         n_new = t if new_lengths is None else jnp.clip(jnp.asarray(new_lengths, jnp.int32), 0, t)
         c, rot = self.spec.codebook("k")[0], self.spec.rotation
+        # one query at position lens - n_new >= lens - 1 sees every stored key: the causal
+        # mask is moot, and without it the decode-only kernels (impl="mosaic") can serve it
+        causal = bool(is_causal) and (t > 1 or local_window_size is not None)
         out = flash_attention_tq4_kv(
             jnp.swapaxes(query, 1, 2), self.k_codes[layer], self.k_norms[layer],
-            self.v_codes[layer], self.v_norms[layer], c, rot, scale, is_causal,
-            v_centroids=self.spec.codebook("v")[0], kv_lengths=lens, q_offsets=lens - n_new,
+            self.v_codes[layer], self.v_norms[layer], c, rot, scale, causal,
+            v_centroids=self.spec.codebook("v")[0], kv_lengths=lens,
+            q_offsets=lens - n_new if causal or local_window_size is not None else None,
             local_window_size=local_window_size, logit_soft_cap=logit_soft_cap, sinks=sinks,
             impl=impl)
         return jnp.swapaxes(out, 1, 2)

@@ -133,9 +133,11 @@ def _rope(x: jnp.ndarray, pos: jnp.ndarray, theta: float) -> jnp.ndarray:
 
 
 def forward(params: dict[str, jnp.ndarray], tokens: jnp.ndarray, cache: Any, cfg: LlamaConfig,
-            new_lengths: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Any]:
+            new_lengths: jnp.ndarray | None = None, implementation: str | None = None
+            ) -> tuple[jnp.ndarray, Any]:
     """tokens [B, T] int32 (right-padded; ``new_lengths`` [B] valid counts, default T) at each
-    row's next positions -> (logits [B, T, vocab] f32, updated cache)."""
+    row's next positions -> (logits [B, T, vocab] f32, updated cache). ``implementation``: as
+    :func:`tq4jax.dot_product_attention` (e.g. "mosaic" for T = 1 steps on a TQ4 cache)."""
     b, t = tokens.shape
     hd = cfg.head_dim
     pos = cache.lengths[0][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -147,7 +149,8 @@ def forward(params: dict[str, jnp.ndarray], tokens: jnp.ndarray, cache: Any, cfg
         k = _rope((h @ p("wk")).reshape(b, t, cfg.n_kv_heads, hd), pos, cfg.rope_theta)
         v = (h @ p("wv")).reshape(b, t, cfg.n_kv_heads, hd)
         o, cache = dot_product_attention(q.astype(jnp.float16), k, v, is_causal=True,
-                                         query_seq_lengths=new_lengths, cache=cache, layer=i)
+                                         query_seq_lengths=new_lengths, cache=cache, layer=i,
+                                         implementation=implementation)
         x = x + o.astype(x.dtype).reshape(b, t, -1) @ p("wo")
         h = _rms_norm(x, p("ffn_norm"), cfg.norm_eps)
         x = x + (jax.nn.silu(h @ p("w1")) * (h @ p("w3"))) @ p("w2")

@@ -140,7 +140,8 @@ def dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
         causal mask as jax.nn. query_seq_lengths / key_value_seq_lengths: [B] int.
       local_window_size: int or (left, right): query t sees keys [t - left, t + right].
       implementation: None or "tq4jax" (the kernels on a GPU, the reference elsewhere),
-        "xla" (the pure-jnp reference path); "cudnn" is refused (no cuDNN path here).
+        "triton" or "mosaic" (that kernel backend, :mod:`tq4jax.backend`; "mosaic" serves
+        decode with a cache), "xla" (the pure-jnp reference path); "cudnn" is refused.
       return_residual: refused (True): the kernels return no log-sum-exp.
       cache, layer: a :class:`TQ4Cache` (or :class:`DenseCache`) and the layer index: key and
         value are the T new tokens; they are stored after each row's length
@@ -154,12 +155,13 @@ def dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
       ``out`` in query's shape and dtype; with a cache ``(out, cache)``. As jax.nn: padded
       query rows give 0, rows that see no key give the mean of the values.
     """
-    if implementation not in (None, "tq4jax", "xla"):
-        raise ValueError(f"implementation must be None, 'tq4jax' or 'xla' (the reference "
-                         f"path), got {implementation!r}")
+    if implementation not in (None, "tq4jax", "triton", "mosaic", "xla"):
+        raise ValueError(f"implementation must be None, 'tq4jax', 'triton', 'mosaic' or 'xla' "
+                         f"(the reference path), got {implementation!r}")
     if return_residual:
         raise ValueError("return_residual=True is not supported by tq4jax attention")
-    impl = "reference" if implementation == "xla" else "auto"
+    impl = {"xla": "reference", "triton": "triton", "mosaic": "mosaic"}.get(implementation,
+                                                                             "auto")
     query, key, value, unbatched = _check_qkv(query, key, value, cache is not None)
     b, t, n, d = query.shape
     s = key.shape[1]
