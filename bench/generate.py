@@ -41,7 +41,7 @@ def random_params(cfg: llama.LlamaConfig, seed: int = 0) -> dict:
 def filled_cache(cfg, kind: str, batch: int, ctx: int, extra: int, impl=None):
     """A cache of capacity ctx + extra whose rows already hold ctx tokens (random content)."""
     key = jax.random.PRNGKey(1)
-    cap = ctx + extra
+    cap = -(-(ctx + extra) // 64) * 64  # a multiple of 8: the Mosaic decode's TMA tiling
     cache = llama.make_cache(cfg, batch, cap, kind, implementation=impl)
     lens = tuple(jnp.full((batch,), ctx, jnp.int32) for _ in range(cfg.n_layers))
     if kind == "dense":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU jobs in one device call, from the repo root of the GPU machine:
 #   bash bench/gpu_run.sh                       # whole suite once (seed 0), in parallel
-#   SEEDS="0 1 2" bash bench/gpu_run.sh         # whole suite with three base seeds
+#   SEEDS="11 22 33" bash bench/gpu_run.sh      # whole suite with three base seeds
 #   STAGES="tests fuzz soak memcheck bench" BENCHES="paged generate" bash bench/gpu_run.sh
 # Stages (default "tests"):
 #   tests     python -m pytest over $TESTS (default tests/ without the fuzz modules, which the
@@ -19,7 +19,12 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .vectors ] && export TQ4JAX_VECTORS=$PWD/.vectors  # carried copy of ../shared/vectors
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}  # jax-triton/torch Triton kernels
-STAGES=${STAGES:-tests}; SEEDS=${SEEDS:-0}; WORKERS=${WORKERS:-8}
+# compiled executables shared by the seeds and workers: later seeds skip compilation (an H200:
+# 364 s cold, 101-105 s per further seed); a worker may read an entry another is still writing
+# ("Error reading persistent compilation cache entry": a warning, and it recompiles)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
+STAGES=${STAGES:-tests}; SEEDS=${SEEDS:-0}; WORKERS=${WORKERS:-16}
 status=0
 note() { echo "== $* ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
