@@ -13,7 +13,11 @@ split writes its normalized O^T and its log-sum-exp; the wrapper merges the spli
 
 Status: correct on an H200 (relative L2 3.6e-4, Lane and Warpgroup semantics) but slower than
 the Triton-lowered kernel (bench/RESULTS.md): an experimental backend, chosen only by
-``impl="mosaic"``.
+``impl="mosaic"``. Changed since that measurement, checked only in GPU interpret mode and by
+the sm_90 lowering on a CPU (not yet compiled or timed on a GPU): the loop's tiles and the
+epilogue's buffers share shared memory (43 KB per CTA instead of 52 KB: 5 CTAs per SM instead
+of 4, if registers allow), and the softmax sum is kept per key row (one cross-warp reduction
+per tile instead of two).
 """
 
 from __future__ import annotations
@@ -119,12 +123,13 @@ class _Ops:
 
 def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_ref, lse_ref,
             *, ops: _Ops, chunk: int, stages: int, planes: tuple, q_smem, kc, kn, vc, vn,
-            vdec, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar):
+            q_bar, k_bar, v_bar):
     """Program (split, KV head h, batch b): refs lens [B] i32; q [B, H, 2, NQ, DB] f16 (even,
     odd coordinates, pre-scaled by scale * log2 e); K/V tables [16] f32; codes
     [B, H, S, DB] u8 and norms [B, H, S] f32 in HBM; outputs o [B, H, S_, D, NQ] f32 (O^T,
     coordinates even then odd) and lse [B, H, S_, NQ] (base 2). ``planes``: the K and V prmt
-    tables (None: select lookups)."""
+    tables (None: select lookups). The loop's decoded-V and P tiles and the epilogue's output
+    buffers are scoped one after the other, so they share shared memory (more CTAs per SM)."""
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
@@ -144,8 +149,8 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
     for s in range(stages):
         pl.when(s < n_tiles)(partial(issue, s, s))
 
-    def step(i, carry):
-        acc, m, l = carry
+    def step(i, carry, vdec, p_smem):
+        acc, m, l_rows = carry
         slot = lax.rem(i, stages)
         plgpu.barrier_wait(k_bar.at[slot])
         k_even, k_odd = ops.decode(ops.load(kc.at[slot], _WG), k_table, planes[0])
@@ -156,7 +161,9 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
         m_new = jnp.maximum(m, s.max(axis=0))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (T, NQ), [1]))
-        l = l * alpha + p.sum(axis=0)
+        # the softmax sum stays per key row (summed over the rows once, after the loop): one
+        # cross-warp reduction per tile (the max) instead of two
+        l_rows = l_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1]) + p
         plgpu.barrier_wait(v_bar.at[slot])
         v_even, v_odd = ops.decode(ops.load(vc.at[slot], _WG), v_table, planes[1])
         v_norm = lax.broadcast_in_dim(ops.load(vn.at[slot], _ROWS), (T, NQ), [0])
@@ -166,17 +173,27 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
         plgpu.commit_smem()
         acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), vdec, p_smem)
         pl.when(i + stages < n_tiles)(lambda: issue(i + stages, slot))
-        return acc, m_new, l
+        return acc, m_new, l_rows
 
-    carry = (ops.full((D, NQ), 0.0, _WG), ops.full((NQ,), -jnp.inf, _WG.reduce(0)),
-             ops.full((NQ,), 0.0, _WG.reduce(0)))
-    acc, m, l = lax.fori_loop(0, n_tiles, step, carry)
-    o_smem[...] = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), (D, NQ), [1])
-    lse_smem[...] = m + jnp.log(l) * LOG2E  # -inf for an empty split
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split])
-    plgpu.wait_smem_to_gmem(0)
+    def loop(vdec, p_smem):
+        carry = (ops.full((D, NQ), 0.0, _WG), ops.full((NQ,), -jnp.inf, _WG.reduce(0)),
+                 ops.full((T, NQ), 0.0, _WG))
+        acc, m, l_rows = lax.fori_loop(0, n_tiles, partial(step, vdec=vdec, p_smem=p_smem),
+                                       carry)
+        return acc, m, l_rows.sum(axis=0)
+
+    acc, m, l = pl.run_scoped(loop, ops.smem((T, D), jnp.float16, 32),
+                              ops.smem((T, NQ), jnp.float16, 32))
+
+    def epilogue(o_smem, lse_smem):
+        o_smem[...] = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), (D, NQ), [1])
+        lse_smem[...] = m + jnp.log(l) * LOG2E  # -inf for an empty split
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(epilogue, ops.smem((D, NQ), jnp.float32), ops.smem((NQ,), jnp.float32))
 
 
 def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tuple):
@@ -187,8 +204,6 @@ def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tu
         q_smem=ops.smem((2, NQ, DB), jnp.float16, 128),
         kc=ops.smem((st, T, DB), jnp.uint8, 64), kn=ops.smem((st, T), jnp.float32),
         vc=ops.smem((st, T, DB), jnp.uint8, 64), vn=ops.smem((st, T), jnp.float32),
-        vdec=ops.smem((T, D), jnp.float16, 32), p_smem=ops.smem((T, NQ), jnp.float16, 32),
-        o_smem=ops.smem((D, NQ), jnp.float32), lse_smem=ops.smem((NQ,), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=1),
         k_bar=plgpu.Barrier(num_arrivals=2, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=2, num_barriers=st))
