@@ -55,10 +55,12 @@ for stage in $STAGES; do
     memcheck)
       note "memcheck: a planted out-of-bounds read must be caught"
       san="compute-sanitizer --tool memcheck --kernel-name kns=_kernel --error-exitcode 3"
-      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${PLANT_TIMEOUT:-60} $san python3 bench/memcheck.py --plant \
-        > "$OUT/memcheck_plant.log" 2>&1
-      echo "planted run exit $? (3 = caught)"; grep -m3 -E "Invalid|ERROR SUMMARY" \
-        "$OUT/memcheck_plant.log"
+      for off in 4096 268435456; do  # 16 KB and 1 GiB past a 64-byte array
+        XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${PLANT_TIMEOUT:-60} $san python3 \
+          bench/memcheck.py --plant $off > "$OUT/memcheck_plant_$off.log" 2>&1
+        echo "planted read at +$off floats: exit $? (3 = caught)"
+        grep -m3 -E "Invalid|ERROR SUMMARY" "$OUT/memcheck_plant_$off.log"
+      done
       note "memcheck: the ops' edge cases"
       XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-400} \
         $san python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1 || status=1

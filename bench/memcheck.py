@@ -145,15 +145,17 @@ def contiguous(rng, report):
         report(f"flash_attention_tq4_kv sq={sq} kv_lengths", rel_l2(got, want), 2e-2)
 
 
-def planted() -> None:
-    """A Pallas kernel named ``*_kernel`` that reads 64 floats past a 16-float array: under
-    the sanitizer command above it must be reported (proves the filter instruments our
-    kernels)."""
+def planted(offset: int = 4096) -> None:
+    """A Pallas kernel named ``*_kernel`` that reads 64 floats ``offset`` floats into a
+    16-float array (default 16 KB past its end): under the sanitizer command above it must be
+    reported (proves the filter instruments our kernels). A 16 KB overrun went unreported on
+    the H200 (ninth session), perhaps landing in another live allocation; a far offset
+    (``--plant 268435456``, 1 GiB) tells whether the sanitizer sees these kernels at all."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     def _planted_oob_kernel(x_ref, o_ref):
-        o_ref[...] = plgpu.load(x_ref.at[jnp.arange(64) + 4096])
+        o_ref[...] = plgpu.load(x_ref.at[jnp.arange(64) + offset])
 
     out = pl.pallas_call(_planted_oob_kernel, out_shape=jax.ShapeDtypeStruct((64,), jnp.float32),
                          compiler_params=plgpu.CompilerParams(num_warps=1))(
@@ -162,8 +164,8 @@ def planted() -> None:
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--plant"]:
-        planted()
+    if sys.argv[1:2] == ["--plant"]:
+        planted(*(int(x) for x in sys.argv[2:3]))
         return 0
     rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     print(f"memcheck cases on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
