@@ -66,6 +66,14 @@ def device_ms(fn: Callable, *args: Any, calls: int = 20) -> float:
     return total_us / calls / 1e3 if total_us > 0 else float("nan")
 
 
+def gpu_or_wall(f, *args) -> float:
+    """GPU time per call (ms) on a GPU, wall time elsewhere (a CPU profiler trace of
+    interpreted kernels would be huge)."""
+    if jax.default_backend() == "gpu":
+        return device_ms(f, *args)
+    return time_ms(f, *args, iters=1, reps=1)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device copy rate (bytes read + written per second, GB/s) of an XLA elementwise op."""
     x = jnp.arange(nbytes // 4, dtype=jnp.uint32)

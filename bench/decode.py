@@ -1,11 +1,15 @@
 """Decode kernels, one table: contiguous ``flash_attention_tq4_kv``, ``paged_decode`` (family A)
-and ``tq.vllm.turboquant_decode`` (4bit_nc) per backend, beside torch SDPA fp16 on dense K/V
-(CUDA-graph replays, when torch is importable); 32/8 heads, D=128, block 16.
+and ``tq.vllm.turboquant_decode`` (4bit_nc) per kernel backend, the original paged decode
+through jax-triton (when installed), beside torch SDPA fp16 on dense K/V (CUDA-graph replays,
+when torch is importable) and jax cuDNN attention on dense K/V; 32/8 heads, D=128, block 16.
 
 GPU time per call comes from a profiler trace (``_timing.device_ms``: kernels only), wall time
-from enqueued jit calls (host dispatch included). GB/s counts the compressed bytes read once.
+from enqueued jit calls (host dispatch included). GB/s counts the compressed bytes read once;
+"% copy" is that rate over the device's copy rate (an XLA elementwise op, bytes read +
+written) measured at the start of the same run.
 
-    PYTHONPATH=. python3 bench/decode.py [--batch 1 8] [--ctx 32768] [--impl triton mosaic]
+    PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
+        [--impl triton mosaic]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
-from _timing import device_line, device_ms, time_ms  # noqa: E402
+from _timing import copy_bandwidth_gbs, device_line, gpu_or_wall, time_ms  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 
@@ -37,6 +41,20 @@ def sdpa_ms(b: int, ctx: int) -> float:
     q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda") for _ in range(2))
     return torch_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def jax_dense_ms(b: int, sq: int, ctx: int, causal: bool, impl: str) -> float:
+    """jax.nn.dot_product_attention on dense fp16 K/V (``impl`` xla or cudnn; NaN if it
+    cannot run here)."""
+    key = jax.random.split(jax.random.PRNGKey(ctx), 3)
+    q = jax.random.normal(key[0], (b, sq, HQ, D), jnp.float16)
+    k, v = (jax.random.normal(kk, (b, ctx, HKV, D), jnp.float16) for kk in key[1:])
+    try:
+        f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                 implementation=impl))
+        return gpu_or_wall(f, q, k, v)
+    except Exception:  # noqa: BLE001 (cuDNN needs a GPU; XLA may not fit)
+        return float("nan")
 
 
 def cases(b: int, ctx: int):
@@ -74,33 +92,53 @@ def cases(b: int, ctx: int):
         "vllm 4bit_nc": (lambda impl: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
             q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl=impl)),
             (q, vcache, table, lens), n * pr.slot_bytes),
+        "original paged (jax-triton)": (original_paged, (q, cache, table, lens, cent, rot),
+                                        n * 136),
     }
+
+
+def original_paged(impl: str):
+    """turboquant-vllm's fused_paged_tq4_decode through jax-triton, for impl "triton" only
+    (ValueError otherwise or when it cannot run here)."""
+    from tq4jax import triton_originals
+    why = triton_originals.available()
+    if impl != "triton" or why is not None:
+        raise ValueError(why or "the original is one kernel (listed under triton)")
+    return jax.jit(lambda q, c, t, l, cent, rot: triton_originals.paged_decode(
+        q, c, t, l, cent, rot, HKV, D, BS))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--ctx", type=int, nargs="+", default=[32768])
-    ap.add_argument("--impl", nargs="+", default=["triton"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--ctx", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
+    ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"])
     a = ap.parse_args()
-    print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}")
-    print("\n| op | B | context | impl | GPU ms | wall ms | GB/s | SDPA fp16 ms | SDPA / GPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    on_gpu = jax.default_backend() == "gpu"
+    copy = copy_bandwidth_gbs() if on_gpu else float("nan")
+    print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}; copy rate "
+          f"{copy:.0f} GB/s" + ("" if on_gpu else " (CPU: wall times of interpreted kernels)"))
+    print("\n| op | B | context | impl | GPU ms | wall ms | GB/s | % copy | SDPA fp16 ms "
+          "| jax cuDNN ms | SDPA / GPU | cuDNN / GPU |")
+    print("|---" * 12 + "|")
     for b in a.batch:
         for ctx in a.ctx:
-            sd = sdpa_ms(b, ctx)
+            sd, cu = sdpa_ms(b, ctx), jax_dense_ms(b, 1, ctx, False, "cudnn")
             for name, (make, args, nbytes) in cases(b, ctx).items():
                 for impl in a.impl:
                     try:
                         f = make(impl)
-                        gpu, wall = device_ms(f, *args), time_ms(f, *args)
+                        gpu = gpu_or_wall(f, *args)
+                        wall = time_ms(f, *args, **({} if on_gpu else dict(iters=1, reps=1)))
                     except (ValueError, NotImplementedError) as e:
-                        print(f"| {name} | {b} | {ctx} | {impl} | - | - | - | {sd:.4f} | "
-                              f"{str(e)[:60]} |")
+                        if impl == a.impl[0]:  # once per op: why it has no row
+                            print(f"| {name} | {b} | {ctx} | {impl} | - | - | - | - | {sd:.4f} "
+                                  f"| {cu:.4f} | {str(e)[:60]} | |")
                         continue
+                    gbs = nbytes / (gpu * 1e-3) / 1e9
                     print(f"| {name} | {b} | {ctx} | {impl} | {gpu:.4f} | {wall:.4f} | "
-                          f"{nbytes / (gpu * 1e-3) / 1e9:.0f} | {sd:.4f} | {sd / gpu:.2f}x |",
-                          flush=True)
+                          f"{gbs:.0f} | {100 * gbs / copy:.0f}% | {sd:.4f} | {cu:.4f} | "
+                          f"{sd / gpu:.2f}x | {cu / gpu:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tq4jax as tq  # noqa: E402
-from _timing import device_line, device_ms, time_ms  # noqa: E402
-from decode import D, HKV, HQ, cases, sdpa_ms  # noqa: E402
+from _timing import device_line, gpu_or_wall  # noqa: E402
+from decode import D, HKV, HQ, cases, jax_dense_ms, sdpa_ms  # noqa: E402
 
 
 def progress(i: int, n: int, what: str, t0: float) -> None:
@@ -36,28 +36,6 @@ def progress(i: int, n: int, what: str, t0: float) -> None:
     done = int(30 * i / max(n, 1))
     print(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {what[:48]:48s} "
           f"{time.perf_counter() - t0:6.0f} s", end="", flush=True, file=sys.stderr)
-
-
-def gpu_or_wall(f, *args) -> float:
-    """GPU time per call (ms) on a GPU, wall time elsewhere (a CPU profiler trace of
-    interpreted kernels would be huge)."""
-    if jax.default_backend() == "gpu":
-        return device_ms(f, *args)
-    return time_ms(f, *args, iters=1, reps=1)
-
-
-def jax_dense_ms(b: int, sq: int, ctx: int, causal: bool, impl: str) -> float:
-    """jax.nn.dot_product_attention on dense fp16 K/V (``impl`` xla or cudnn; NaN if it
-    cannot run here)."""
-    key = jax.random.split(jax.random.PRNGKey(ctx), 3)
-    q = jax.random.normal(key[0], (b, sq, HQ, D), jnp.float16)
-    k, v = (jax.random.normal(kk, (b, ctx, HKV, D), jnp.float16) for kk in key[1:])
-    try:
-        f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                                 implementation=impl))
-        return gpu_or_wall(f, q, k, v)
-    except Exception:  # noqa: BLE001 (cuDNN needs a GPU; XLA may not fit)
-        return float("nan")
 
 
 def decode_family(batches, contexts, impls, t0) -> list[dict]:
