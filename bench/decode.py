@@ -10,6 +10,7 @@ written) measured at the start of the same run.
 
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
+    PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768
 """
 
 from __future__ import annotations
@@ -108,12 +109,45 @@ def original_paged(impl: str):
         q, c, t, l, cent, rot, HKV, D, BS))
 
 
+def mosaic_sweep(b: int, ctx: int) -> None:
+    """Contiguous decode on the Mosaic backend per MosaicConfig (KV splits x TMA ring depth),
+    beside the Triton-lowered kernel's default in the same run (GPU ms)."""
+    from tq4jax.pallas_mosaic import MosaicConfig
+    _, args, nbytes = cases(b, ctx)["contiguous tq4_kv"]
+    q, kp, kn, vp, vn = args
+    cent, _ = tq.lloyd_max(D, 4)
+    rot = tq.haar_rotation(D)
+
+    def run(impl, config=None):
+        return jax.jit(lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(
+            q[:, :, None], kp, kn, vp, vn, cent, rot, config=config, impl=impl)[:, :, 0])
+
+    base = gpu_or_wall(run("triton"), *args)
+    print(f"\nMosaic sweep, contiguous decode B={b} ctx={ctx}: triton default {base:.4f} ms\n")
+    print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
+    for splits in (4, 8, 16, 32):
+        for stages in (2, 3, 4):
+            try:
+                ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages)), *args)
+            except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
+                print(f"| {splits} | {stages} | - | - | {type(e).__name__}: {str(e)[:60]} |")
+                continue
+            print(f"| {splits} | {stages} | {ms:.4f} | {nbytes / (ms * 1e-3) / 1e9:.0f} | "
+                  f"{base / ms:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--ctx", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"])
+    ap.add_argument("--mosaic-sweep", action="store_true",
+                    help="only sweep the Mosaic decode's configs at the first --batch/--ctx")
     a = ap.parse_args()
+    if a.mosaic_sweep:
+        print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")
+        mosaic_sweep(a.batch[0], a.ctx[0])
+        return
     on_gpu = jax.default_backend() == "gpu"
     copy = copy_bandwidth_gbs() if on_gpu else float("nan")
     print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}; copy rate "
