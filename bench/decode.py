@@ -11,6 +11,7 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768
+    PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
 """
 
 from __future__ import annotations
@@ -136,6 +137,35 @@ def mosaic_sweep(b: int, ctx: int) -> None:
                   f"{base / ms:.2f}x |", flush=True)
 
 
+def epilogue_table(batches, contexts) -> None:
+    """Contiguous and paged decode (Triton-lowered) with the split merge and post-rotation as
+    XLA ops (the default) or as one fused kernel (``Config.epilogue``), GPU ms in one run."""
+    from tq4jax.pallas_triton.tuning import choose_config
+    cent, _ = tq.lloyd_max(D, 4)
+    rot = tq.haar_rotation(D)
+    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
+    print("\n| op | B | context | splits | XLA epilogue ms | fused epilogue ms | XLA / fused |")
+    print("|---|---|---|---|---|---|---|")
+    for b in batches:
+        for ctx in contexts:
+            cfg = choose_config(b, HKV, HQ // HKV, ctx, D, compressed=True)
+            c = cases(b, ctx)
+            runs = {
+                "contiguous tq4_kv": (lambda cf: jax.jit(lambda q, kp, kn, vp, vn: (
+                    tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot,
+                                              config=cf, impl="triton")[:, :, 0])),
+                    c["contiguous tq4_kv"][1]),
+                "paged_decode": (lambda cf: jax.jit(lambda q, ca, t, l: tq.paged_decode(
+                    q, ca, t, l, cent, rot, **kw, config=cf, impl="triton")),
+                    c["paged_decode"][1]),
+            }
+            for name, (make, args) in runs.items():
+                xla, fused = (gpu_or_wall(make(cfg._replace(epilogue=e)), *args)
+                              for e in (False, True))
+                print(f"| {name} | {b} | {ctx} | {cfg.splits} | {xla:.4f} | {fused:.4f} | "
+                      f"{xla / fused:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
@@ -143,7 +173,13 @@ def main() -> None:
     ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"])
     ap.add_argument("--mosaic-sweep", action="store_true",
                     help="only sweep the Mosaic decode's configs at the first --batch/--ctx")
+    ap.add_argument("--epilogue", action="store_true",
+                    help="only compare the XLA and the fused split-merge epilogue")
     a = ap.parse_args()
+    if a.epilogue:
+        print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}")
+        epilogue_table(a.batch, a.ctx)
+        return
     if a.mosaic_sweep:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")
         mosaic_sweep(a.batch[0], a.ctx[0])

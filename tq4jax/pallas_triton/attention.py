@@ -20,6 +20,7 @@ post-rotates its normalized output (``o @ Pi``), so rotated-space values never l
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ from ..backend import KernelMode
 from ..core import INT8_SCALE_AT, LOG2E, Rotation, merge_splits, post_rotate, split16
 from ..layout import NORM_BYTES, PagedLayout, to_dtype
 from .call import head_spec, pallas_call, whole_spec
+from .epilogue import merge_rotate
 from .lut import decode_codes, decode_split
 from .tiles import (M_INIT, cache_rows, columns, dot32, dot_split, interleave, key_loop,
                     load_rows, load_scalar, load_tile, lse_of, scalar_value, softmax_step,
@@ -331,18 +333,29 @@ def output_specs(b: int, hkv: int, n_rows: int, d: int, splits: int, dtype: Any,
 
 
 def finish(outs: tuple, shape: tuple, dtype: Any, split_axis: int | None,
-           rotation: jnp.ndarray | None, sinks: jnp.ndarray | None = None) -> jnp.ndarray:
+           rotation: Rotation | None, sinks: jnp.ndarray | None = None,
+           fused: KernelMode | None = None) -> jnp.ndarray:
     """Kernel outputs -> ``shape`` [..., H_Q, rows, D] in ``dtype``: merge the splits (split
     axis ``split_axis`` of the lse; None: one split), post-rotate by ``rotation`` when the
     kernel did not (None: it did, or V was not compressed), and with ``sinks`` ([H_Q] logits
-    in the softmax denominator) scale each row by ``1 / (1 + exp(sink - lse))``."""
+    in the softmax denominator) scale each row by ``1 / (1 + exp(sink - lse))``. ``fused``:
+    run the merge, rotation and cast as one kernel (:func:`.epilogue.merge_rotate`; with
+    splits and no sinks) in this kernel mode."""
+    if fused is not None and split_axis is not None and sinks is None:
+        o, lse = outs
+        groups = math.prod(o.shape[:split_axis])
+        o = o.reshape(groups, o.shape[split_axis], -1, o.shape[-1])
+        out = merge_rotate(o, lse.reshape(o.shape[:3]),
+                           None if rotation is None else tuple(rotation.post), dtype=dtype,
+                           mode=fused)
+        return out.reshape(shape)
     if split_axis is None:
         out, lse = outs[0], (outs[1] if len(outs) > 1 else None)
     else:
         out, lse = merge_splits(outs[0], outs[1], split_axis, with_lse=True)
     out = out.reshape(shape)
     if rotation is not None:
-        out = post_rotate(out, rotation)
+        out = post_rotate(out, rotation.pi)
     if sinks is not None:
         lse = lse.reshape(shape[:-1])
         sink = sinks.astype(jnp.float32).reshape((-1, 1) if len(shape) > 3 else (-1,))
@@ -388,4 +401,5 @@ def attention(q: jnp.ndarray, k: Any, v: Any, rot: Rotation | None, mask: jnp.nd
                        out_shape=out_shape, in_specs=in_specs, out_specs=out_specs,
                        num_warps=spec.cfg.num_warps, num_stages=spec.cfg.num_stages)(*args)
     return finish(outs, (b, hq, sq, d), q.dtype, 2 if splits > 1 else None,
-                  rot.pi if v_tq4 and not spec.post else None, sinks)
+                  rot if v_tq4 and not spec.post else None, sinks,
+                  mode if spec.cfg.epilogue else None)

@@ -114,7 +114,7 @@ def paged_attention(q: jnp.ndarray, kv_cache: jnp.ndarray, block_table: jnp.ndar
     if splits > 1:
         outs = (outs[0].reshape(splits, rows, d), outs[1].reshape(splits, rows))
     out = finish(outs, (n, hq, d), q.dtype, 0 if splits > 1 else None,
-                 None if in_kernel else rot.pi, sinks)
+                 None if in_kernel else rot, sinks, mode if cfg.epilogue else None)
     if decode:
         return out
     t = jnp.arange(n)

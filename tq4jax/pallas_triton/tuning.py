@@ -39,12 +39,14 @@ SMALL_ROWS, SMALL_CHUNK = 64, 16
 
 class Config(NamedTuple):
     """Tiling of the attention kernel: query rows and keys per tile, warps, pipeline stages,
-    KV splits (grid axis merged by log-sum-exp)."""
+    KV splits (grid axis merged by log-sum-exp); ``epilogue``: with splits, merge them, post-
+    rotate and cast in one kernel (:mod:`.epilogue`) instead of XLA ops (sinks: XLA always)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     splits: int = 1
+    epilogue: bool = False
 
 
 #: Streaming multiprocessors to fill (H100/H200: 132).
@@ -94,8 +96,12 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
         fill = (per_sm * NUM_SMS // programs if whole_wave
                 else -(-per_sm * NUM_SMS // programs))
         splits = max(1, min(fill, sk // MIN_SPLIT_KEYS))
-    return cfg._replace(splits=int(splits))
+    return cfg._replace(splits=int(splits), epilogue=FUSED_EPILOGUE)
 
+
+#: ``choose_config``'s ``epilogue``: the fused split merge (eleventh session: tested, not yet
+#: timed on a GPU; ``bench/decode.py --epilogue`` compares both in one run).
+FUSED_EPILOGUE = False
 
 #: ``paged_prefill``'s default for ``use_int8_qk``: faster in ``bench/paged.py`` (4 x 2K new
 #: tokens on 6K context), at about 1% relative L2 error instead of 0.3%.
