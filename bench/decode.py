@@ -60,7 +60,8 @@ def jax_dense_ms(b: int, sq: int, ctx: int, causal: bool, impl: str) -> float:
 
 
 def cases(b: int, ctx: int):
-    """name -> (function of impl, args, compressed bytes read)."""
+    """name -> (function of impl (contiguous and paged: and config=) returning a jitted op,
+    its args, compressed bytes read)."""
     key = jax.random.PRNGKey(ctx + b)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (b, HQ, D), jnp.float16)
@@ -86,11 +87,12 @@ def cases(b: int, ctx: int):
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     n = b * HKV * ctx
     return {
-        "contiguous tq4_kv": (lambda impl: jax.jit(lambda q, kp, kn, vp, vn: (
-            tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot,
+        "contiguous tq4_kv": (lambda impl, config=None: jax.jit(lambda q, kp, kn, vp, vn: (
+            tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot, config=config,
                                       impl=impl)[:, :, 0])), (q, kp, kn, vp, vn), n * 136),
-        "paged_decode": (lambda impl: jax.jit(lambda q, c, t, l: tq.paged_decode(
-            q, c, t, l, cent, rot, **kw, impl=impl)), (q, cache, table, lens), n * 136),
+        "paged_decode": (lambda impl, config=None: jax.jit(lambda q, c, t, l: tq.paged_decode(
+            q, c, t, l, cent, rot, **kw, config=config, impl=impl)),
+            (q, cache, table, lens), n * 136),
         "vllm 4bit_nc": (lambda impl: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
             q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl=impl)),
             (q, vcache, table, lens), n * pr.slot_bytes),
@@ -114,15 +116,7 @@ def mosaic_sweep(b: int, ctx: int) -> None:
     """Contiguous decode on the Mosaic backend per MosaicConfig (KV splits x TMA ring depth),
     beside the Triton-lowered kernel's default in the same run (GPU ms)."""
     from tq4jax.pallas_mosaic import MosaicConfig
-    _, args, nbytes = cases(b, ctx)["contiguous tq4_kv"]
-    q, kp, kn, vp, vn = args
-    cent, _ = tq.lloyd_max(D, 4)
-    rot = tq.haar_rotation(D)
-
-    def run(impl, config=None):
-        return jax.jit(lambda q, kp, kn, vp, vn: tq.flash_attention_tq4_kv(
-            q[:, :, None], kp, kn, vp, vn, cent, rot, config=config, impl=impl)[:, :, 0])
-
+    run, args, nbytes = cases(b, ctx)["contiguous tq4_kv"]
     base = gpu_or_wall(run("triton"), *args)
     print(f"\nMosaic sweep, contiguous decode B={b} ctx={ctx}: triton default {base:.4f} ms\n")
     print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
@@ -141,26 +135,15 @@ def epilogue_table(batches, contexts) -> None:
     """Contiguous and paged decode (Triton-lowered) with the split merge and post-rotation as
     XLA ops (the default) or as one fused kernel (``Config.epilogue``), GPU ms in one run."""
     from tq4jax.pallas_triton.tuning import choose_config
-    cent, _ = tq.lloyd_max(D, 4)
-    rot = tq.haar_rotation(D)
-    kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     print("\n| op | B | context | splits | XLA epilogue ms | fused epilogue ms | XLA / fused |")
     print("|---|---|---|---|---|---|---|")
     for b in batches:
         for ctx in contexts:
             cfg = choose_config(b, HKV, HQ // HKV, ctx, D, compressed=True)
             c = cases(b, ctx)
-            runs = {
-                "contiguous tq4_kv": (lambda cf: jax.jit(lambda q, kp, kn, vp, vn: (
-                    tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot,
-                                              config=cf, impl="triton")[:, :, 0])),
-                    c["contiguous tq4_kv"][1]),
-                "paged_decode": (lambda cf: jax.jit(lambda q, ca, t, l: tq.paged_decode(
-                    q, ca, t, l, cent, rot, **kw, config=cf, impl="triton")),
-                    c["paged_decode"][1]),
-            }
-            for name, (make, args) in runs.items():
-                xla, fused = (gpu_or_wall(make(cfg._replace(epilogue=e)), *args)
+            for name in ("contiguous tq4_kv", "paged_decode"):
+                make, args, _ = c[name]
+                xla, fused = (gpu_or_wall(make("triton", cfg._replace(epilogue=e)), *args)
                               for e in (False, True))
                 print(f"| {name} | {b} | {ctx} | {cfg.splits} | {xla:.4f} | {fused:.4f} | "
                       f"{xla / fused:.2f}x |", flush=True)

@@ -15,11 +15,9 @@ Example (GPU)::
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import os
-import sys
 from typing import Any
 
 import jax
@@ -46,17 +44,17 @@ def _load() -> tuple[Any, Any]:
     reason = available()
     if reason is not None:
         raise ImportError(f"tq4jax.triton_originals: {reason}")
-    if "jax_triton" not in sys.modules:
+    before = os.environ.get("TRITON_CACHE_DIR")
+    import jax_triton
+    if os.environ.get("TRITON_CACHE_DIR") == "" and before != "":
         # jax-triton 0.3.1 sets TRITON_CACHE_DIR="" on import, after which triton kernels
         # launched from torch in the same process (the originals' own wrappers) fail with
-        # "Could not create or locate cache dir"; put the caller's setting back
-        before = os.environ.get("TRITON_CACHE_DIR")
-        importlib.import_module("jax_triton")
+        # "Could not create or locate cache dir": put the caller's setting back (unset: the
+        # default ~/.triton/cache, also when jax-triton was imported before)
         if before is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
+            del os.environ["TRITON_CACHE_DIR"]
         else:
             os.environ["TRITON_CACHE_DIR"] = before
-    import jax_triton
 
     from . import _jt_adapters
     return jax_triton, _jt_adapters
