@@ -15,9 +15,11 @@ Example (GPU)::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -44,17 +46,17 @@ def _load() -> tuple[Any, Any]:
     reason = available()
     if reason is not None:
         raise ImportError(f"tq4jax.triton_originals: {reason}")
-    before = os.environ.get("TRITON_CACHE_DIR")
-    import jax_triton
-    if os.environ.get("TRITON_CACHE_DIR") == "" and before != "":
+    if "jax_triton" not in sys.modules:
         # jax-triton 0.3.1 sets TRITON_CACHE_DIR="" on import, after which triton kernels
         # launched from torch in the same process (the originals' own wrappers) fail with
-        # "Could not create or locate cache dir": put the caller's setting back (unset: the
-        # default ~/.triton/cache, also when jax-triton was imported before)
+        # "Could not create or locate cache dir"; put the caller's setting back
+        before = os.environ.get("TRITON_CACHE_DIR")
+        importlib.import_module("jax_triton")
         if before is None:
-            del os.environ["TRITON_CACHE_DIR"]
+            os.environ.pop("TRITON_CACHE_DIR", None)
         else:
             os.environ["TRITON_CACHE_DIR"] = before
+    import jax_triton
 
     from . import _jt_adapters
     return jax_triton, _jt_adapters
