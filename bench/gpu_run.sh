@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU jobs in one device call, from the repo root of the GPU machine:
-#   bash bench/gpu_run.sh                       # whole suite once (seed 0), in parallel
-#   SEEDS="11 22 33" bash bench/gpu_run.sh      # whole suite with three base seeds
+#   bash bench/gpu_run.sh                       # suite without the fuzz modules (seed 0), in parallel
+#   SEEDS="11 22 33" bash bench/gpu_run.sh      # suite without the fuzz modules, three seeds
+#   TESTS=tests SEEDS="1 2 3" bash bench/gpu_run.sh  # whole suite with the fuzz modules (an H200:
+#                                               # 559 s cold, 457 s for the next seed: one call each)
 #   STAGES="tests fuzz soak memcheck bench" BENCHES="paged generate" bash bench/gpu_run.sh
 # Stages (default "tests"):
 #   tests     python -m pytest over $TESTS (default tests/ without the fuzz modules, which the

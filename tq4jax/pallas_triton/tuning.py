@@ -99,8 +99,9 @@ def choose_config(b: int, hkv: int, n_rows: int, sk: int, d: int,
     return cfg._replace(splits=int(splits), epilogue=FUSED_EPILOGUE)
 
 
-#: ``choose_config``'s ``epilogue``: the fused split merge (eleventh session: tested, not yet
-#: timed on a GPU; ``bench/decode.py --epilogue`` compares both in one run).
+#: ``choose_config``'s ``epilogue``: the fused split merge. Off: on an H200 (twelfth session,
+#: ``bench/decode.py --epilogue``) it lost at B=1 32K (0.89x contiguous, 0.83x paged: few
+#: programs do the whole merge and rotation) and was even at B=8 (1.02x / 0.99x).
 FUSED_EPILOGUE = False
 
 #: ``paged_prefill``'s default for ``use_int8_qk``: faster in ``bench/paged.py`` (4 x 2K new
