@@ -10,7 +10,7 @@ written) measured at the start of the same run.
 
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
-    PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768
+    PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # both layouts
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
 """
 
@@ -113,22 +113,23 @@ def original_paged(impl: str):
 
 
 def mosaic_sweep(b: int, ctx: int) -> None:
-    """Contiguous decode on the Mosaic backend per MosaicConfig (KV splits x TMA ring depth),
-    beside the Triton-lowered kernel's default in the same run (GPU ms)."""
+    """Contiguous and paged decode on the Mosaic backend per MosaicConfig (KV splits x TMA
+    ring depth), beside the Triton-lowered kernel's default in the same run (GPU ms)."""
     from tq4jax.pallas_mosaic import MosaicConfig
-    run, args, nbytes = cases(b, ctx)["contiguous tq4_kv"]
-    base = gpu_or_wall(run("triton"), *args)
-    print(f"\nMosaic sweep, contiguous decode B={b} ctx={ctx}: triton default {base:.4f} ms\n")
-    print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
-    for splits in (4, 8, 16, 32):
-        for stages in (2, 3, 4):
-            try:
-                ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages)), *args)
-            except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
-                print(f"| {splits} | {stages} | - | - | {type(e).__name__}: {str(e)[:60]} |")
-                continue
-            print(f"| {splits} | {stages} | {ms:.4f} | {nbytes / (ms * 1e-3) / 1e9:.0f} | "
-                  f"{base / ms:.2f}x |", flush=True)
+    for name in ("contiguous tq4_kv", "paged_decode"):
+        run, args, nbytes = cases(b, ctx)[name]
+        base = gpu_or_wall(run("triton"), *args)
+        print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")
+        print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
+        for splits in (4, 8, 16, 32):
+            for stages in (2, 3, 4):
+                try:
+                    ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages)), *args)
+                except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
+                    print(f"| {splits} | {stages} | - | - | {type(e).__name__}: {str(e)[:60]} |")
+                    continue
+                print(f"| {splits} | {stages} | {ms:.4f} | {nbytes / (ms * 1e-3) / 1e9:.0f} | "
+                      f"{base / ms:.2f}x |", flush=True)
 
 
 def epilogue_table(batches, contexts) -> None:

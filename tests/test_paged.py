@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tq4jax as tq
+from conftest import ON_GPU
 from helpers import rel_l2
 from test_attention import deq, oracle
 from tq4jax.pallas_triton import tuning
@@ -15,8 +16,12 @@ from tq4jax.testing import kernel_jaxpr, lower_to_triton
 IMPLS = ["reference", "pallas"]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["mosaic"])
 def test_vectors(vectors, impl):
+    """The original's paged decode output (3 sequences, D=128), on every backend (Mosaic GPU:
+    interpreted on a CPU, compiled on a Hopper GPU)."""
+    if impl == "mosaic" and ON_GPU and (tq.backend.compute_capability() or (0, 0)) < (9, 0):
+        pytest.skip("the Mosaic GPU backend needs an sm_90+ GPU")
     v = vectors("paged_decode_0")
     kw = dict(num_kv_heads=int(v["num_kv_heads"]), head_dim=int(v["head_dim"]),
               block_size=int(v["block_size"]))

@@ -17,11 +17,12 @@ from jax.typing import ArrayLike
 from jax import lax
 
 from . import _checks as ck
+from . import pallas_mosaic as mosaic
 from . import pallas_triton as triton
 from .backend import check_config, kernel_mode, reference_of, resolve_impl
 from .codec import compress_kv
-from .core import default_scale, rotation_parts
-from .layout import PagedLayout, paged_layout, to_dtype
+from .core import default_scale, post_rotate, rotate_in_xla, rotation_parts
+from .layout import PagedLayout, pad_codebook, paged_layout, to_dtype
 from .pallas_triton.attention import Paged
 from .pallas_triton.lut import codebook_parts, int8_parts
 from .pallas_triton.paged import rows_per_kv_head
@@ -140,9 +141,13 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
       centroids / v_centroids / rotation: the codebooks and Pi the cache was written with.
       num_kv_heads, head_dim, block_size: the cache's shape (static ints).
       sm_scale: softmax scale (None = 1/sqrt(D)); config: Triton tiling
-        (:class:`~tq4jax.pallas_triton.tuning.Config`, None = measured default).
+        (:class:`~tq4jax.pallas_triton.tuning.Config`, None = measured default), or a
+        :class:`~tq4jax.pallas_mosaic.MosaicConfig` with ``impl="mosaic"``.
       local_window_size, logit_soft_cap, sinks: sliding window (relative to each query's
         position), logit soft cap, per-head sink logits [H_Q], as :func:`tq4jax.flash_attention`.
+      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper, experimental) serves D=128, <= 16
+        query heads per KV head, block_size 8/16/32/64, rows a multiple of 16 bytes, no
+        window, soft cap or sinks.
     Returns:
       [S, H_Q, D] in q's dtype.
     """
@@ -152,8 +157,12 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
     scale = default_scale(head_dim, sm_scale)
     window, softcap, sinks = ck.check_attention_extras(q.shape[1], local_window_size,
                                                    logit_soft_cap, sinks)
-    path = resolve_impl(impl)
-    config = check_config(config, Config, path, "paged_decode")
+    group = q.shape[1] // num_kv_heads
+    mosaic_ok = (window is None and softcap is None and sinks is None
+                 and mosaic.paged_supported(head_dim, group, block_size, kv_cache.shape[2]))
+    path = resolve_impl(impl, mosaic=mosaic_ok)
+    config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else Config, path,
+                          "paged_decode")
     if q.shape[0] == 0:
         return jnp.zeros(q.shape, q.dtype)
     if path == "reference":
@@ -161,6 +170,15 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
                                          rotation, num_kv_heads, head_dim, scale, window, softcap,
                                          sinks), q.dtype)
     ck.check_cache_size(kv_cache)
+    if path == "mosaic":
+        s, hq, d = q.shape
+        lens = jnp.clip(seq_lens, 0, block_table.shape[1] * block_size)
+        q_rot = rotate_in_xla(q, rotation).reshape(s, num_kv_heads, group, d)
+        out = mosaic.paged_decode(q_rot, kv_cache, block_table, lens, pad_codebook(cent),
+                                  pad_codebook(v_cent), scale, block_size=block_size,
+                                  raw_k=raw[0], raw_v=raw[1], config=config,
+                                  interpret=kernel_mode().interpret)
+        return to_dtype(post_rotate(out, rotation).reshape(q.shape), q.dtype)
     k_table, k_lut = codebook_parts(cent, q.dtype, raw[0])
     v_table, v_lut = codebook_parts(v_cent, q.dtype, raw[1])
     s, hq, d = q.shape

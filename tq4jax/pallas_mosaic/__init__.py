@@ -3,6 +3,10 @@
 * :mod:`.decode`: contiguous TQ4 decode (``flash_attention_tq4_kv`` with one query per
   sequence, D = 128, no mask) - TMA rings, keys on the wgmma M side, in-register ``prmt``
   codebook lookups (:mod:`.lut`).
+* :mod:`.paged`: ``paged_decode`` on a paged TQ4 cache (pages copied by TMA from block-table
+  entries read in the kernel).
+* :mod:`.tiles`: what both share (the loop over a split's key tiles, scratch, query packing,
+  split merge).
 
 Chosen only by ``impl="mosaic"``: it is correct on an H200 but not yet faster than the
 Triton-lowered kernels (bench/RESULTS.md), so ``auto`` keeps those. Without a GPU the kernels
@@ -10,6 +14,9 @@ run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the
 differences between jax versions live in :mod:`.compat`.
 """
 
-from .decode import MosaicConfig, decode, supported
+from .decode import decode, supported
+from .paged import paged_decode
+from .paged import supported as paged_supported
+from .tiles import MosaicConfig
 
-__all__ = ["MosaicConfig", "decode", "supported"]
+__all__ = ["MosaicConfig", "decode", "paged_decode", "paged_supported", "supported"]

@@ -35,11 +35,12 @@ def load(ref: Any, layout: Any) -> Any:
     return plgpu.load(ref, layout=layout)
 
 
-def interpret_params() -> Any:
+def interpret_params(out_of_bounds_reads: str = "uninitialized") -> Any:
     """GPU interpret mode. A TMA box hanging past an array's end reads zeros on the GPU (the
     hardware clips it); the interpreter models that with ``"uninitialized"`` reads, which the
-    kernels mask as they mask the zeros."""
-    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+    kernels mask as they mask the zeros. ``"raise"``: any read past an array is an error (for
+    kernels whose boxes never hang past an end, e.g. the paged one)."""
+    return InterpretGPUParams(out_of_bounds_reads=out_of_bounds_reads)
 
 
 def compiler_params() -> Any:

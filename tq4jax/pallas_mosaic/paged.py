@@ -1,0 +1,140 @@
+"""TQ4 decode attention on a paged compressed cache in Pallas Mosaic GPU (LAYOUTS.md A2).
+
+Grid (split, KV head, sequence), one warpgroup per CTA, the loop of :func:`.tiles.attend_split`.
+A tile of 64 keys is 64 / block_size pages: for each, the kernel reads the block id from the
+block table in HBM (a scalar load) and starts TMA copies of the page's rows: this head's K and
+V codes (a [block_size, D/2] box at byte column ``h * D/2`` of the K or V code region) and
+its norms (a [block_size, 16] box ending with the head's 4 norm bytes: TMA's smallest box row
+is 16 bytes; read back as float32 column 3 of an aliased view). Pages past the sequence's last
+block are never followed: their table entries are replaced by the last valid one, whose rows
+the length mask drops; block ids are clamped into the cache.
+
+Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in
+{8, 16, 32, 64} (whole pages per tile; 8-row TMA tiling), a cache row width that is a multiple
+of 16 bytes (TMA strides). Status: experimental, checked in GPU interpret mode (reads past an
+array raise there) and by the sm_90 lowering on a CPU; not yet compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..layout import PagedLayout, paged_layout
+from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, attend_split, launch_params,
+                    merge_output, pack_query, prmt_planes, query_scratch, split_chunk)
+
+#: Bytes of the norm window copied per key row (TMA's smallest box row).
+WINDOW = 16
+
+
+def supported(head_dim: int, group: int, block_size: int, row_width: int) -> bool:
+    """Paged caches this kernel serves (see the module docstring)."""
+    return (head_dim == D and group <= NQ and block_size in (8, 16, 32, 64)
+            and row_width % 16 == 0)
+
+
+def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
+            chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
+            lay: PagedLayout, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
+    """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
+    capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
+    cache [num_blocks * block_size, row_width] u8 in HBM; outputs o [S, H, S_, D, NQ] f32 and
+    lse [S, H, S_, NQ] (as :func:`.tiles.attend_split`). ``kn``/``vn``: norm windows
+    (:meth:`.tiles.Ops.norm_window`)."""
+    split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
+    start = split * chunk
+    end = jnp.minimum(start + chunk, lens_ref[b])
+    pages = T // block_size
+    k_col, v_col = lay.k_codes + h * DB, lay.v_codes + h * DB
+    kn_col = lay.k_norms + 4 * h + 4 - WINDOW  # the window ends with head h's norm
+    vn_col = lay.v_norms + 4 * h + 4 - WINDOW
+
+    def issue(i, slot):
+        first = (start + i * T) // block_size
+        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
+        for j in range(pages):
+            blk = jnp.clip(bt_ref[b, jnp.minimum(first + j, last)], 0, num_blocks - 1)
+            rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
+            for col, width, buf, bar in ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar),
+                                         (v_col, DB, vc, v_bar), (vn_col, WINDOW, vn[0], v_bar)):
+                plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
+                                        buf.at[slot, dst], bar.at[slot])
+
+    def tile(codes, window, bar):
+        def get(slot):
+            plgpu.barrier_wait(bar.at[slot])
+            return codes.at[slot], ops.window_norms(window, slot)
+        return get
+
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
+    plgpu.barrier_wait(q_bar)
+    attend_split(ops, start=start, end=end, stages=stages, issue=issue,
+                 k_tile=tile(kc, kn, k_bar), v_tile=tile(vc, vn, v_bar), q_smem=q_smem,
+                 tables=([kt_ref[i].astype(jnp.float16) for i in range(16)],
+                         [vt_ref[i].astype(jnp.float16) for i in range(16)]),
+                 planes=planes, o_ref=o_ref.at[b, h, split], lse_ref=lse_ref.at[b, h, split])
+
+
+def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int,
+          cfg: MosaicConfig, interpret: bool, planes: tuple):
+    ops = Ops(interpret)
+    ns, st = cfg.num_splits, cfg.stages
+    arrivals = 2 * (T // block_size)  # codes + norms per page
+    scratch = dict(
+        query_scratch(ops),
+        kc=ops.smem((st, T, DB), jnp.uint8, 64), kn=ops.norm_window(st),
+        vc=ops.smem((st, T, DB), jnp.uint8, 64), vn=ops.norm_window(st),
+        k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
+        v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
+    kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
+                     planes=planes, block_size=block_size, num_blocks=num_blocks,
+                     lay=paged_layout(h, D))
+    return plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
+                          jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
+        scratch_types=scratch, grid=(ns, h, s), grid_names=("s", "h", "b"),
+        # boxes never hang past the cache: any read past an array is an error when interpreted
+        **launch_params(interpret, out_of_bounds_reads="raise"))
+
+
+@partial(jax.jit, static_argnames=("scale", "config", "interpret", "k_planes", "v_planes",
+                                   "block_size"))
+def _paged(q_rot, kv_cache, block_table, lens, k_table, v_table, *, scale, config, interpret,
+           k_planes, v_planes, block_size):
+    s, h, g, _ = q_rot.shape
+    nb = kv_cache.shape[0]
+    cache = kv_cache.reshape(nb * block_size, kv_cache.shape[2])
+    call = _call(s, h, nb, block_size, block_table.shape[1], config, interpret,
+                 (k_planes, v_planes))
+    o, lse = call(lens, block_table, pack_query(q_rot, scale), k_table, v_table, cache)
+    return merge_output(o, lse, g)
+
+
+def paged_decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array,
+                 lens: jax.Array, k_centroids: jax.Array, v_centroids: jax.Array, scale: float,
+                 *, block_size: int, raw_k: Any = None, raw_v: Any = None,
+                 config: MosaicConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Paged decode attention in rotated space.
+
+    Args:
+      q_rot: [S, H_KV, G, D] the rotated queries of each sequence's KV heads (G <= 16, D=128).
+      kv_cache: [num_blocks, block_size, row_width] uint8 (LAYOUTS.md A2, H_KV heads;
+        row_width a multiple of 16). block_table: [S, max_blocks] int32.
+      lens: [S] int32 keys per sequence, within ``max_blocks * block_size`` (0 gives zeros).
+      k_centroids, v_centroids: float32 [16] (padded codebooks); ``raw_k``/``raw_v``: the
+        caller's codebooks, compiled in as prmt tables when concrete and antisymmetric.
+      scale: the softmax scale.
+    Returns:
+      float32 [S, H_KV, G, D] in rotated space.
+    """
+    return _paged(q_rot, kv_cache, block_table, lens, k_centroids, v_centroids,
+                  scale=float(scale), config=config or MosaicConfig(), interpret=interpret,
+                  k_planes=prmt_planes(raw_k), v_planes=prmt_planes(raw_v),
+                  block_size=int(block_size))

@@ -1,0 +1,229 @@
+"""In-kernel pieces shared by the Mosaic GPU decode kernels (:mod:`.decode` contiguous,
+:mod:`.paged` paged): tile constants, the configuration, the operations that differ between
+compiled and interpret mode (:class:`Ops`), the loop over a split's key tiles with its
+epilogue (:func:`attend_split`), and the wrapper-side query packing and split merge.
+
+One warpgroup per CTA walks one (sequence, KV head, split) in tiles of T=64 keys. Code tiles
+[64, D/2] uint8 and norm vectors [64] f32 arrive in a ``stages``-deep shared-memory ring (one
+barrier per slot for K, one for V); the kernel's ``issue`` callback starts the copies. A code
+tile decodes in registers into its even and odd coordinates (:mod:`.lut`), and the tensor
+cores take the keys on their M side: ``S^T[64, NQ] = K_even @ Q_even^T + K_odd @ Q_odd^T``
+with the group's query heads padded to NQ=16 on N. Norms scale scores and probabilities,
+never decoded elements; the online softmax runs along the key axis (axis 0).
+``O^T[D, NQ] += V_dec^T @ P^T`` with decoded V [64, D] and P^T through shared memory. Each
+split writes its normalized O^T and its log-sum-exp (base 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..core import LN2, LOG2E, merge_splits, static_planes
+from . import compat
+from .lut import decode_prmt, decode_select
+
+T = 64    # keys per tile (wgmma M)
+NQ = 16   # query heads of a KV head, padded (wgmma N: P^T is stored swizzled, 2N >= 32 bytes)
+D = 128   # the head dim these kernels serve
+DB = D // 2
+WG = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per key row of a [T, NQ] array
+
+
+class MosaicConfig(NamedTuple):
+    """KV splits per (sequence, KV head) and depth of the TMA ring."""
+    num_splits: int = 16
+    stages: int = 2
+
+
+class Ops:
+    """The compiled kernel's Mosaic-only operations, or plain-jnp stand-ins where GPU interpret
+    mode lacks them (jax 0.10: layouted loads, wgmma from transposed shared memory; every
+    version: wgmma with a register operand, inline PTX, aliased RefUnion members)."""
+
+    def __init__(self, interpret: bool):
+        self.interpret, self.full_interp = interpret, compat.INTERPRET_FULL
+
+    def smem(self, shape, dtype, swizzle=None):
+        if self.interpret or swizzle is None:
+            return plgpu.SMEM(shape, dtype)
+        elems = swizzle // jnp.dtype(dtype).itemsize
+        return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                                    plgpu.SwizzleTransform(swizzle)))
+
+    def load(self, ref, layout):
+        if self.interpret and not self.full_interp:
+            return ref[...]
+        return compat.load(ref, layout)
+
+    def norm_window(self, stages: int) -> Any:
+        """Scratch for 16-byte windows per key row [stages, T, 16] u8 whose last 4 bytes are a
+        float32 norm (TMA's smallest box row), aliased as [stages, T, 4] f32 when compiled."""
+        u8, f32 = plgpu.SMEM((stages, T, 16), jnp.uint8), plgpu.SMEM((stages, T, 4), jnp.float32)
+        return (u8, f32) if self.interpret else plgpu.RefUnion(u8, f32)
+
+    def window_norms(self, window, slot):
+        """The norms [T] f32 (ROWS layout) of ring slot ``slot`` of a :meth:`norm_window`."""
+        u8, f32 = window
+        if self.interpret:
+            return lax.bitcast_convert_type(u8.at[slot][...][:, 12:], jnp.float32)  # LE
+        return compat.load(f32.at[slot, :, 3], ROWS)
+
+    def full(self, shape, value, layout):
+        x = jnp.full(shape, value, jnp.float32)
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WG)
+
+    def decode(self, codes, table, planes):
+        """A code tile -> (even, odd) fp16: prmt with static ``planes``, else selects."""
+        if planes is not None and not self.interpret:
+            return decode_prmt(codes, planes)
+        return decode_select(codes, table)
+
+    def scores(self, pairs, shape):
+        """sum_i a_i @ b_i^T, a_i registers [T, DB], b_i shared [NQ, DB]."""
+        if self.interpret:
+            return sum(jnp.dot(a.astype(jnp.float32), b[...].astype(jnp.float32).T)
+                       for a, b in pairs)
+
+        def body(acc_ref):
+            for a, b in pairs:
+                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+            return acc_ref[...]
+        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+    def pv(self, acc, vdec, p_smem):
+        """acc + vdec^T @ p (vdec shared [T, D], p shared [T, NQ])."""
+        if self.interpret and not self.full_interp:
+            return acc + jnp.dot(vdec[...].astype(jnp.float32).T,
+                                 p_smem[...].astype(jnp.float32))
+        if self.interpret:
+            def fresh(acc_ref):
+                plgpu.wgmma(acc_ref, vdec.transpose((1, 0)), p_smem)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+            return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, vdec.transpose((1, 0)), p_smem)
+            plgpu.wgmma_wait(0)
+        return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+#: ``tile(slot) -> (codes ref [T, DB] u8, norms [T] f32 in ROWS layout)`` after waiting for the
+#: slot's copies.
+TileFn = Callable[[Any], tuple[Any, Any]]
+
+
+def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int], None],
+                 k_tile: TileFn, v_tile: TileFn, q_smem, tables: tuple, planes: tuple,
+                 o_ref, lse_ref) -> None:
+    """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
+    split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
+    ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue(i, slot)`` starts tile i's copies into
+    ring slot ``slot``; ``q_smem`` [2, NQ, DB] f16 (even, odd coordinates, pre-scaled);
+    ``tables``: K and V codebooks as 16 fp16 scalars each; ``planes``: their prmt tables (None:
+    select lookups). The loop's decoded-V and P tiles and the epilogue's output buffers are
+    scoped one after the other, so they share shared memory (more CTAs per SM)."""
+    n_tiles = jnp.maximum(end - start + (T - 1), 0) // T
+    for s in range(stages):
+        pl.when(s < n_tiles)(lambda s=s: issue(s, s))
+
+    def step(i, carry, vdec, p_smem):
+        acc, m, l_rows = carry
+        slot = lax.rem(i, stages)
+        k_codes, k_norms = k_tile(slot)
+        k_even, k_odd = ops.decode(ops.load(k_codes, WG), tables[0], planes[0])
+        s = ops.scores([(k_even, q_smem.at[0]), (k_odd, q_smem.at[1])], (T, NQ))
+        s = s * lax.broadcast_in_dim(k_norms, (T, NQ), [0])
+        valid = (start + i * T + ops.iota((T, NQ), 0)) < end
+        s = jnp.where(valid, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=0))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (T, NQ), [1]))
+        # the softmax sum stays per key row (summed over the rows once, after the loop): one
+        # cross-warp reduction per tile (the max) instead of two
+        l_rows = l_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1]) + p
+        v_codes, v_norms = v_tile(slot)
+        v_even, v_odd = ops.decode(ops.load(v_codes, WG), tables[1], planes[1])
+        v_norm = lax.broadcast_in_dim(v_norms, (T, NQ), [0])
+        vdec.at[:, pl.ds(0, DB)][...] = v_even
+        vdec.at[:, pl.ds(DB, DB)][...] = v_odd
+        p_smem[...] = jnp.where(valid, p * v_norm, 0.0).astype(jnp.float16)
+        plgpu.commit_smem()
+        acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), vdec, p_smem)
+        pl.when(i + stages < n_tiles)(lambda: issue(i + stages, slot))
+        return acc, m_new, l_rows
+
+    def loop(vdec, p_smem):
+        carry = (ops.full((D, NQ), 0.0, WG), ops.full((NQ,), -jnp.inf, WG.reduce(0)),
+                 ops.full((T, NQ), 0.0, WG))
+        acc, m, l_rows = lax.fori_loop(0, n_tiles, lambda i, c: step(i, c, vdec, p_smem),
+                                       carry)
+        return acc, m, l_rows.sum(axis=0)
+
+    acc, m, l = pl.run_scoped(loop, ops.smem((T, D), jnp.float16, 32),
+                              ops.smem((T, NQ), jnp.float16, 32))
+
+    def epilogue(o_smem, lse_smem):
+        o_smem[...] = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), (D, NQ), [1])
+        lse_smem[...] = m + jnp.log(l) * LOG2E  # -inf for an empty split
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref)
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(epilogue, ops.smem((D, NQ), jnp.float32), ops.smem((NQ,), jnp.float32))
+
+
+def query_scratch(ops: Ops) -> dict:
+    """The query tile [2, NQ, DB] f16 and its barrier (scratch of every decode kernel)."""
+    return dict(q_smem=ops.smem((2, NQ, DB), jnp.float16, 128),
+                q_bar=plgpu.Barrier(num_arrivals=1))
+
+
+def split_chunk(keys: int, num_splits: int) -> int:
+    """Keys per split: the cache's ``keys`` in ``num_splits`` whole tiles."""
+    return pl.cdiv(pl.cdiv(keys, T), num_splits) * T
+
+
+def pack_query(q_rot: jax.Array, scale: float) -> jax.Array:
+    """[B, H, G, D] rotated queries -> [B, H, 2, NQ, DB] f16: even and odd coordinates, rows
+    padded to NQ, pre-scaled by ``scale * log2 e`` (base-2 softmax)."""
+    g = q_rot.shape[2]
+    q = q_rot.astype(jnp.float32) * (scale * LOG2E)
+    q = jnp.stack([q[..., 0::2], q[..., 1::2]], axis=2)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, NQ - g), (0, 0)))
+    return q.astype(jnp.float16)
+
+
+def merge_output(o: jax.Array, lse: jax.Array, g: int) -> jax.Array:
+    """Split outputs o [B, H, S, D, NQ] (O^T, even then odd coordinates) and lse [B, H, S, NQ]
+    (base 2) -> float32 [B, H, g, D] in the original coordinate order."""
+    out = merge_splits(jnp.swapaxes(o, 3, 4), lse * LN2, 2)[:, :, :g]  # [B, H, g, D]
+    return jnp.stack([out[..., :DB], out[..., DB:]], axis=-1).reshape(out.shape)
+
+
+def prmt_planes(raw: Any) -> tuple | None:
+    """Static prmt planes of a concrete codebook antisymmetric in fp16, else None."""
+    if raw is None or isinstance(raw, jax.core.Tracer) or jnp.size(raw) != 16:
+        return None
+    form = static_planes(raw, jnp.float16)
+    return form[1:] if form[0] == "symmetric" else None
+
+
+def launch_params(interpret: bool, out_of_bounds_reads: str = "uninitialized") -> dict:
+    """``plgpu.kernel`` keywords: interpret params, or the compiler params."""
+    if interpret:
+        return dict(interpret=compat.interpret_params(out_of_bounds_reads))
+    return dict(compiler_params=compat.compiler_params())
