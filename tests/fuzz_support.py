@@ -82,6 +82,14 @@ REF_TOL = {"float16": 2**-10, "bfloat16": 2**-7}
 HALF_ULP = {"float32": 2**-24, "float16": 2**-11, "bfloat16": 2**-8}
 
 
+def mosaic_paged_runs(d: int, group: int, bs: int, row_width: int) -> bool:
+    """The Mosaic GPU paged decode serves this cache here (interpret mode on a CPU; an sm_90+
+    GPU)."""
+    if ON_GPU and (tq.backend.compute_capability() or (0, 0)) < (9, 0):
+        return False
+    return tq.pallas_mosaic.paged_supported(d, group, bs, row_width)
+
+
 def rotation(kind: str, d: int, seed: int) -> np.ndarray:
     if kind.startswith("hadamard") and d & (d - 1) == 0:
         return tq.hadamard_rotation(d, seed=seed if kind == "hadamard_signs" else None)

@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st  # noqa: E402
 import tq4jax as tq  # noqa: E402
 from fuzz_support import (  # noqa: E402
     BLOCK_SIZES, DIMS, FLOATS, GARBAGE, GROUPS, LIM, REF_TOL, ROTATIONS, SEEDS, TOL, attend,
-    check_rows, codes_match, codes_of, draw_lengths, fuzz, paged_table, pack_codes, padded,
-    rotation, split_keys
+    check_rows, codes_match, codes_of, draw_lengths, fuzz, mosaic_paged_runs, paged_table,
+    pack_codes, padded, rotation, split_keys
 )
 from helpers import oracle_compress  # noqa: E402
 
@@ -148,7 +148,8 @@ def _codebook_call(fn, traced: bool, cent, v_cent):
 @given(case=paged_cases(prefill=False))
 def test_paged_write_decode(case):
     """paged_write (kernel vs reference vs oracle, byte by byte) then paged_decode, kernel and
-    reference, vs float64 attention over the K/V decoded from the written bytes."""
+    reference (and the Mosaic GPU kernel where it serves the drawn cache), vs float64 attention
+    over the K/V decoded from the written bytes."""
     t = _paged_setup(case)
     cache = _write_and_check(case, t)
     d, hq, dt = case["d"], case["hkv"] * case["group"], case["dtype"]
@@ -161,13 +162,17 @@ def test_paged_write_decode(case):
         want[s] = attend(qs, np.swapaxes(k, 0, 1)[None], np.swapaxes(v, 0, 1)[None], scale,
                          True)[0, :, 0]
     table, lens = jnp.asarray(t["table"]), jnp.asarray(t["lens"], jnp.int32)
+    impls = ["pallas", "reference"]
+    if mosaic_paged_runs(d, case["group"], case["bs"], t["lay"].row_bytes):
+        impls.append("mosaic")
     with split_keys(case["split_keys"]):
-        for impl in ("pallas", "reference"):
+        for impl in impls:
             o = _codebook_call(lambda c, vcb: tq.paged_decode(
                 q, cache, table, lens, c, t["rot"], **t["kw"], sm_scale=sm, v_centroids=vcb,
-                impl=impl), case["traced_codebook"] and impl == "pallas", t["cent"], t["v_cent"])
+                impl=impl), case["traced_codebook"] and impl != "reference", t["cent"],
+                t["v_cent"])
             assert o.shape == q.shape and o.dtype == q.dtype, impl
-            check_rows(o, want, TOL[dt] if impl == "pallas" else REF_TOL[dt],
+            check_rows(o, want, REF_TOL[dt] if impl == "reference" else TOL[dt],
                        f"paged_decode {impl}")
 
 
