@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .tiles import (D, DB, NQ, ROWS, T, MosaicConfig, Ops, attend_split, launch_params,
+from .tiles import (D, DB, NQ, ROWS, T, MosaicConfig, Ops, Ring, attend_split, launch_params,
                     merge_output, pack_query, prmt_planes, query_scratch, split_chunk)
 
 
@@ -53,19 +53,12 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
         plgpu.copy_gmem_to_smem(vc_hbm.at[b, h, rows], vc.at[slot], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(vn_hbm.at[b, h, rows], vn.at[slot], v_bar.at[slot])
 
-    def tile(codes, norms, bar):
-        def get(slot):
-            plgpu.barrier_wait(bar.at[slot])
-            return codes.at[slot], ops.load(norms.at[slot], ROWS)
-        return get
-
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
-    plgpu.barrier_wait(q_bar)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k_tile=tile(kc, kn, k_bar), v_tile=tile(vc, vn, v_bar), q_smem=q_smem,
-                 tables=([kt_ref[i].astype(jnp.float16) for i in range(16)],
-                         [vt_ref[i].astype(jnp.float16) for i in range(16)]),
-                 planes=planes, o_ref=o_ref.at[b, h, split], lse_ref=lse_ref.at[b, h, split])
+                 k=Ring(kc, lambda slot: ops.load(kn.at[slot], ROWS), k_bar),
+                 v=Ring(vc, lambda slot: ops.load(vn.at[slot], ROWS), v_bar),
+                 q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
+                 vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
+                 lse_ref=lse_ref.at[b, h, split])
 
 
 def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tuple):

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import PagedLayout, paged_layout
-from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, attend_split, launch_params,
+from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, Ring, attend_split, launch_params,
                     merge_output, pack_query, prmt_planes, query_scratch, split_chunk)
 
 #: Bytes of the norm window copied per key row (TMA's smallest box row).
@@ -67,19 +67,12 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
                 plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
                                         buf.at[slot, dst], bar.at[slot])
 
-    def tile(codes, window, bar):
-        def get(slot):
-            plgpu.barrier_wait(bar.at[slot])
-            return codes.at[slot], ops.window_norms(window, slot)
-        return get
-
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
-    plgpu.barrier_wait(q_bar)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k_tile=tile(kc, kn, k_bar), v_tile=tile(vc, vn, v_bar), q_smem=q_smem,
-                 tables=([kt_ref[i].astype(jnp.float16) for i in range(16)],
-                         [vt_ref[i].astype(jnp.float16) for i in range(16)]),
-                 planes=planes, o_ref=o_ref.at[b, h, split], lse_ref=lse_ref.at[b, h, split])
+                 k=Ring(kc, lambda slot: ops.window_norms(kn, slot), k_bar),
+                 v=Ring(vc, lambda slot: ops.window_norms(vn, slot), v_bar),
+                 q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
+                 vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
+                 lse_ref=lse_ref.at[b, h, split])
 
 
 def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int,

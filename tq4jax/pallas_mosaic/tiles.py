@@ -120,21 +120,33 @@ class Ops:
         return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-#: ``tile(slot) -> (codes ref [T, DB] u8, norms [T] f32 in ROWS layout)`` after waiting for the
-#: slot's copies.
-TileFn = Callable[[Any], tuple[Any, Any]]
+class Ring(NamedTuple):
+    """One operand's TMA ring: ``codes`` [stages, T, DB] u8 shared, ``norms(slot)`` -> [T] f32
+    in ROWS layout, ``bar``: one barrier per slot."""
+    codes: Any
+    norms: Callable[[Any], Any]
+    bar: Any
+
+    def tile(self, slot):
+        """Wait for slot ``slot``; its codes ref [T, DB] and norms [T]."""
+        plgpu.barrier_wait(self.bar.at[slot])
+        return self.codes.at[slot], self.norms(slot)
 
 
 def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int], None],
-                 k_tile: TileFn, v_tile: TileFn, q_smem, tables: tuple, planes: tuple,
+                 k: Ring, v: Ring, q_hbm, q_smem, q_bar, kt_ref, vt_ref, planes: tuple,
                  o_ref, lse_ref) -> None:
     """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
     split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
     ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue(i, slot)`` starts tile i's copies into
-    ring slot ``slot``; ``q_smem`` [2, NQ, DB] f16 (even, odd coordinates, pre-scaled);
-    ``tables``: K and V codebooks as 16 fp16 scalars each; ``planes``: their prmt tables (None:
-    select lookups). The loop's decoded-V and P tiles and the epilogue's output buffers are
-    scoped one after the other, so they share shared memory (more CTAs per SM)."""
+    ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2, NQ, DB] f16 (even, odd coordinates,
+    pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``: K and V codebooks [16]
+    f32; ``planes``: their prmt tables (None: select lookups). The loop's decoded-V and P tiles
+    and the epilogue's output buffers are scoped one after the other, so they share shared
+    memory (more CTAs per SM)."""
+    plgpu.copy_gmem_to_smem(q_hbm, q_smem, q_bar)
+    plgpu.barrier_wait(q_bar)
+    tables = [[ref[i].astype(jnp.float16) for i in range(16)] for ref in (kt_ref, vt_ref)]
     n_tiles = jnp.maximum(end - start + (T - 1), 0) // T
     for s in range(stages):
         pl.when(s < n_tiles)(lambda s=s: issue(s, s))
@@ -142,7 +154,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
     def step(i, carry, vdec, p_smem):
         acc, m, l_rows = carry
         slot = lax.rem(i, stages)
-        k_codes, k_norms = k_tile(slot)
+        k_codes, k_norms = k.tile(slot)
         k_even, k_odd = ops.decode(ops.load(k_codes, WG), tables[0], planes[0])
         s = ops.scores([(k_even, q_smem.at[0]), (k_odd, q_smem.at[1])], (T, NQ))
         s = s * lax.broadcast_in_dim(k_norms, (T, NQ), [0])
@@ -154,7 +166,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
         # the softmax sum stays per key row (summed over the rows once, after the loop): one
         # cross-warp reduction per tile (the max) instead of two
         l_rows = l_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1]) + p
-        v_codes, v_norms = v_tile(slot)
+        v_codes, v_norms = v.tile(slot)
         v_even, v_odd = ops.decode(ops.load(v_codes, WG), tables[1], planes[1])
         v_norm = lax.broadcast_in_dim(v_norms, (T, NQ), [0])
         vdec.at[:, pl.ds(0, DB)][...] = v_even
