@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tq4jax as tq
-from helpers import rel_l2
+from helpers import rel_l2, rel_linf
 from test_attention import deq, oracle
 from tq4jax.pallas_mosaic import MosaicConfig
 from tq4jax.testing import lower_for_gpu
@@ -174,18 +174,20 @@ def test_paged_refusals(rng):
                         **t["kw"], sinks=jnp.zeros(4), impl="mosaic")
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["prmt", "select"])
-def test_paged_decode_lowers_for_sm90(static):
+@pytest.mark.parametrize("static,hkv", [(True, 8), (False, 8), (True, 2)],
+                         ids=["prmt", "select", "prmt-272-byte-rows"])
+def test_paged_decode_lowers_for_sm90(static, hkv):
     """The paged kernel lowers to a Mosaic GPU module on a CPU (block-table scalar loads, TMA
-    page boxes, the aliased norm windows)."""
+    page boxes, the aliased norm windows; rows of 1088 bytes take swizzled code tiles, rows of
+    272 bytes (2 KV heads) plain ones)."""
     rot = tq.haar_rotation(D)
     cent = tq.lloyd_max(D, 4)[0]
-    row = tq.paged_layout(8, D).row_bytes
+    row = tq.paged_layout(hkv, D).row_bytes
     s = jax.ShapeDtypeStruct
-    args = (s((8, 32, D), jnp.float16), s((600, 16, row), jnp.uint8), s((8, 64), jnp.int32),
-            s((8,), jnp.int32), s((16,), jnp.float32))
+    args = (s((8, 4 * hkv, D), jnp.float16), s((600, 16, row), jnp.uint8),
+            s((8, 64), jnp.int32), s((8,), jnp.int32), s((16,), jnp.float32))
     text = lower_for_gpu(lambda q, c, bt, n, cb: tq.paged_decode(
-        q, c, bt, n, cent if static else cb, rot, num_kv_heads=8, head_dim=D, block_size=16,
+        q, c, bt, n, cent if static else cb, rot, num_kv_heads=hkv, head_dim=D, block_size=16,
         impl="mosaic"), *args)
     assert "mosaic_gpu" in text
     assert ("prmt.b32" in text) == static
@@ -204,3 +206,88 @@ def test_paged_decode_compiled_on_hopper(rng):
     want = np.asarray(tq.paged_decode(*args, **t["kw"], impl="reference"), np.float32)
     np.testing.assert_array_equal(got[0], 0.0)
     assert rel_l2(got[1:], want[1:]) < 1e-2
+
+
+VLLM_NC = dict(mse_bits=4, key_packed_size=66, value_quant_bits=4, key_fp8=False)
+
+
+@pytest.mark.parametrize("bs,cfg,nc", [(16, MosaicConfig(2, 2), True),
+                                       (8, MosaicConfig(3, 3), True),
+                                       (32, MosaicConfig(1, 2), False)], ids=str)
+def test_vllm_decode_matches_reference(rng, bs, cfg, nc):
+    """tq.vllm.turboquant_decode (4-bit keys and values, 8 KV heads: the row is 1072 bytes)
+    on the Mosaic backend against the reference path (relative Linf < 2e-3, as the Triton
+    kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a tile tail
+    and several tiles, garbage past each sequence's blocks, norm correction on and off."""
+    from test_vllm import write_sequences
+    pr = tq.vllm.preset("turboquant_4bit_nc", D)
+    c, _ = tq.lloyd_max(D, 4)
+    pi = tq.hadamard_rotation(D, seed=int(rng.integers(1000)))
+    lens = [0, 1, bs, 64 + 7, 2 * 64 + bs + 3]
+    cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, bs, pi, c, "reference")
+    for i, n in enumerate(lens):
+        bt[i, -(-n // bs):] = rng.integers(1 << 20, 1 << 30)  # never followed
+    q = jnp.asarray(rng.standard_normal((len(lens), 32, D)) * 2, jnp.float16)
+    args = (q, cache, bt, np.asarray(lens, np.int32), pi, c, D ** -0.5)
+    kw = dict(VLLM_NC, norm_correction=nc)
+    got = np.asarray(tq.vllm.turboquant_decode(*args, **kw, config=cfg, impl="mosaic"),
+                     np.float32)
+    assert got.shape == q.shape
+    np.testing.assert_array_equal(got[0], 0.0)
+    ref = np.asarray(tq.vllm.turboquant_decode(*args, **kw, impl="reference"), np.float32)
+    assert rel_linf(got[1:], ref[1:]) < 2e-3
+    tri = np.asarray(tq.vllm.turboquant_decode(*args, **kw, impl="triton"), np.float32)
+    assert rel_linf(got[1:], tri[1:]) < 2e-3
+
+
+def test_vllm_refusals(rng):
+    """What the vLLM-layout Mosaic decode does not serve raises, naming the backend: 2 KV
+    heads (a 268-byte row: TMA strides are multiples of 16), bf16 queries, 3-bit keys."""
+    from test_vllm import write_sequences
+    c, _ = tq.lloyd_max(D, 4)
+    pi = tq.hadamard_rotation(D, seed=3)
+    for name, hk, dtype in (("turboquant_4bit_nc", 2, jnp.float16),
+                            ("turboquant_4bit_nc", 8, jnp.bfloat16),
+                            ("turboquant_k3v4_nc", 8, jnp.float16)):
+        pr = tq.vllm.preset(name, D)
+        cb, _ = tq.lloyd_max(D, pr.mse_bits)
+        cache, bt, _, _ = write_sequences(rng, pr, [5], hk, D, 16, pi, cb, "reference")
+        q = jnp.zeros((1, 4 * hk, D), dtype)
+        with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
+            tq.vllm.turboquant_decode(q, cache, bt, np.array([5], np.int32), pi, cb, 0.1,
+                                      **pr.decode_kwargs(), impl="mosaic")
+
+
+@pytest.mark.parametrize("nc", [True, False])
+def test_vllm_decode_lowers_for_sm90(nc):
+    """The vLLM-layout kernel lowers to a Mosaic GPU module on a CPU (fp16 field windows,
+    the norm correction's row reduction, the hi/lo query products)."""
+    pi = tq.hadamard_rotation(D, seed=1)
+    c = tq.lloyd_max(D, 4)[0]
+    s = jax.ShapeDtypeStruct
+    args = (s((8, 32, D), jnp.float16), s((600, 16, 8, 134), jnp.uint8), s((8, 64), jnp.int32),
+            s((8,), jnp.int32))
+    text = lower_for_gpu(lambda q, cache, bt, n: tq.vllm.turboquant_decode(
+        q, cache, bt, n, pi, c, D ** -0.5, **VLLM_NC, norm_correction=nc, impl="mosaic"),
+        *args)
+    assert "mosaic_gpu" in text and "prmt.b32" in text
+
+
+@pytest.mark.gpu
+def test_vllm_decode_compiled_on_hopper(rng):
+    if (tq.backend.compute_capability() or (0, 0)) < (9, 0):
+        pytest.skip("needs an sm_90+ GPU")
+    from test_vllm import write_sequences
+    pr = tq.vllm.preset("turboquant_4bit_nc", D)
+    c, _ = tq.lloyd_max(D, 4)
+    pi = tq.hadamard_rotation(D, seed=2)
+    lens = [0, 37, 1000, 16]
+    cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, 16, pi, c, "pallas")
+    q = jnp.asarray(rng.standard_normal((4, 32, D)) * 2, jnp.float16)
+    args = (q, cache, bt, np.asarray(lens, np.int32), pi, c, D ** -0.5)
+    got = np.asarray(tq.vllm.turboquant_decode(*args, **pr.decode_kwargs(), impl="mosaic"),
+                     np.float32)
+    ref = np.asarray(tq.vllm.turboquant_decode(*args, **pr.decode_kwargs(), impl="reference"),
+                     np.float32)
+    np.testing.assert_array_equal(got[0], 0.0)
+    assert rel_linf(got[1:], ref[1:]) < 2e-3

@@ -5,7 +5,9 @@
   codebook lookups (:mod:`.lut`).
 * :mod:`.paged`: ``paged_decode`` on a paged TQ4 cache (pages copied by TMA from block-table
   entries read in the kernel).
-* :mod:`.tiles`: what both share (the loop over a split's key tiles, scratch, query packing,
+* :mod:`.vllm`: ``tq.vllm.turboquant_decode`` with 4-bit keys and values (vLLM's
+  ``turboquant_4bit_nc``).
+* :mod:`.tiles`: what they share (the loop over a split's key tiles, scratch, query packing,
   split merge).
 
 Chosen only by ``impl="mosaic"``: it is correct on an H200 but not yet faster than the
@@ -18,5 +20,6 @@ from .decode import decode, supported
 from .paged import paged_decode
 from .paged import supported as paged_supported
 from .tiles import MosaicConfig
+from . import vllm
 
-__all__ = ["MosaicConfig", "decode", "paged_decode", "paged_supported", "supported"]
+__all__ = ["MosaicConfig", "decode", "paged_decode", "paged_supported", "supported", "vllm"]

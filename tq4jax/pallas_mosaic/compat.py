@@ -28,11 +28,12 @@ JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
 INTERPRET_FULL = JAX_VERSION >= (0, 11)
 
 
-def load(ref: Any, layout: Any) -> Any:
-    """``plgpu.load`` of a whole (already ``.at[]``-indexed) ref into registers."""
+def load(ref: Any, layout: Any, optimized: bool = True) -> Any:
+    """``plgpu.load`` of a whole (already ``.at[]``-indexed) ref into registers
+    (``optimized=False``: also where every transfer pattern has bank conflicts)."""
     if _LOAD_NEEDS_IDX:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def interpret_params(out_of_bounds_reads: str = "uninitialized") -> Any:

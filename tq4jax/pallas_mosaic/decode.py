@@ -23,8 +23,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .tiles import (D, DB, NQ, ROWS, T, MosaicConfig, Ops, Ring, attend_split, launch_params,
-                    merge_output, pack_query, prmt_planes, query_scratch, split_chunk)
+from .tiles import (D, NQ, ROWS, T, MosaicConfig, Ops, Ring, attend_split, code_ring,
+                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
+                    split_chunk)
 
 
 def supported(head_dim: int, group: int, sq: int, sk: int) -> bool:
@@ -54,8 +55,8 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
         plgpu.copy_gmem_to_smem(vn_hbm.at[b, h, rows], vn.at[slot], v_bar.at[slot])
 
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kc, lambda slot: ops.load(kn.at[slot], ROWS), k_bar),
-                 v=Ring(vc, lambda slot: ops.load(vn.at[slot], ROWS), v_bar),
+                 k=Ring(kc, lambda slot: (ops.load(kn.at[slot], ROWS),), k_bar),
+                 v=Ring(vc, lambda slot: (ops.load(vn.at[slot], ROWS),), v_bar),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
                  lse_ref=lse_ref.at[b, h, split])
@@ -66,8 +67,8 @@ def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tu
     ns, st = cfg.num_splits, cfg.stages
     scratch = dict(
         query_scratch(ops),
-        kc=ops.smem((st, T, DB), jnp.uint8, 64), kn=ops.smem((st, T), jnp.float32),
-        vc=ops.smem((st, T, DB), jnp.uint8, 64), vn=ops.smem((st, T), jnp.float32),
+        kc=code_ring(ops, st), kn=ops.smem((st, T), jnp.float32),
+        vc=code_ring(ops, st), vn=ops.smem((st, T), jnp.float32),
         k_bar=plgpu.Barrier(num_arrivals=2, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=2, num_barriers=st))
     return plgpu.kernel(

@@ -11,8 +11,10 @@ the length mask drops; block ids are clamped into the cache.
 
 Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in
 {8, 16, 32, 64} (whole pages per tile; 8-row TMA tiling), a cache row width that is a multiple
-of 16 bytes (TMA strides). Status: experimental, checked in GPU interpret mode (reads past an
-array raise there) and by the sm_90 lowering on a CPU; not yet compiled on a GPU.
+of 16 bytes (TMA strides); code tiles are swizzled where the row width is a multiple of 64
+(:func:`.tiles.swizzles`: 8 KV heads, 1088 bytes), else plain (2 KV heads, 272 bytes).
+Status: experimental, checked in GPU interpret mode (reads past an array raise there) and by
+the sm_90 lowering on a CPU; not yet compiled on a GPU.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import PagedLayout, paged_layout
-from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, Ring, attend_split, launch_params,
-                    merge_output, pack_query, prmt_planes, query_scratch, split_chunk)
+from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, Ring, attend_split, code_ring,
+                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
+                    split_chunk, swizzles)
 
-#: Bytes of the norm window copied per key row (TMA's smallest box row).
-WINDOW = 16
+#: Bytes of the norm window copied per key row (TMA's smallest box row), and the float32
+#: column of the head's norm in it (its last 4 bytes).
+WINDOW, NORM_COL = 16, 3
 
 
 def supported(head_dim: int, group: int, block_size: int, row_width: int) -> bool:
@@ -42,7 +46,7 @@ def supported(head_dim: int, group: int, block_size: int, row_width: int) -> boo
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
-            lay: PagedLayout, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
+            lay: PagedLayout, swizzled: bool, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
     cache [num_blocks * block_size, row_width] u8 in HBM; outputs o [S, H, S_, D, NQ] f32 and
@@ -68,27 +72,30 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
                                         buf.at[slot, dst], bar.at[slot])
 
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kc, lambda slot: ops.window_norms(kn, slot), k_bar),
-                 v=Ring(vc, lambda slot: ops.window_norms(vn, slot), v_bar),
+                 k=Ring(kc, lambda slot: (ops.window_field(kn, slot, NORM_COL),), k_bar,
+                        swizzled),
+                 v=Ring(vc, lambda slot: (ops.window_field(vn, slot, NORM_COL),), v_bar,
+                        swizzled),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
                  lse_ref=lse_ref.at[b, h, split])
 
 
-def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int,
+def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row_width: int,
           cfg: MosaicConfig, interpret: bool, planes: tuple):
     ops = Ops(interpret)
     ns, st = cfg.num_splits, cfg.stages
+    swz = swizzles(row_width)
     arrivals = 2 * (T // block_size)  # codes + norms per page
     scratch = dict(
         query_scratch(ops),
-        kc=ops.smem((st, T, DB), jnp.uint8, 64), kn=ops.norm_window(st),
-        vc=ops.smem((st, T, DB), jnp.uint8, 64), vn=ops.norm_window(st),
+        kc=code_ring(ops, st, swz), kn=ops.norm_window(st),
+        vc=code_ring(ops, st, swz), vn=ops.norm_window(st),
         k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      planes=planes, block_size=block_size, num_blocks=num_blocks,
-                     lay=paged_layout(h, D))
+                     lay=paged_layout(h, D), swizzled=swz)
     return plgpu.kernel(
         kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
@@ -104,8 +111,8 @@ def _paged(q_rot, kv_cache, block_table, lens, k_table, v_table, *, scale, confi
     s, h, g, _ = q_rot.shape
     nb = kv_cache.shape[0]
     cache = kv_cache.reshape(nb * block_size, kv_cache.shape[2])
-    call = _call(s, h, nb, block_size, block_table.shape[1], config, interpret,
-                 (k_planes, v_planes))
+    call = _call(s, h, nb, block_size, block_table.shape[1], kv_cache.shape[2], config,
+                 interpret, (k_planes, v_planes))
     o, lse = call(lens, block_table, pack_query(q_rot, scale), k_table, v_table, cache)
     return merge_output(o, lse, g)
 

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..core import LN2, LOG2E, merge_splits, static_planes
+from ..layout import VLLM_NC_EPS
 from . import compat
 from .lut import decode_prmt, decode_select
 
@@ -42,6 +43,19 @@ class MosaicConfig(NamedTuple):
     stages: int = 2
 
 
+class Format(NamedTuple):
+    """What a cache's tiles hold (static). Family A: the defaults. vLLM (family B):
+    ``low_nibble_first`` (the even coordinate in the low nibble), ``key_nc`` (decoded keys
+    divided by their own L2 norm), ``value_offset`` (values are ``(level + value_offset) *
+    scale + zero``: the V table holds ``level - value_offset`` centred, antisymmetric levels)
+    with per-row (scale, zero) instead of a norm, and ``q_parts=2`` (the query as an fp16
+    hi/lo pair: four score products instead of two)."""
+    low_nibble_first: bool = False
+    key_nc: bool = False
+    value_offset: float | None = None
+    q_parts: int = 1
+
+
 class Ops:
     """The compiled kernel's Mosaic-only operations, or plain-jnp stand-ins where GPU interpret
     mode lacks them (jax 0.10: layouted loads, wgmma from transposed shared memory; every
@@ -57,23 +71,28 @@ class Ops:
         return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
                                                     plgpu.SwizzleTransform(swizzle)))
 
-    def load(self, ref, layout):
+    def load(self, ref, layout, optimized: bool = True):
         if self.interpret and not self.full_interp:
             return ref[...]
-        return compat.load(ref, layout)
+        return compat.load(ref, layout, optimized)
 
-    def norm_window(self, stages: int) -> Any:
-        """Scratch for 16-byte windows per key row [stages, T, 16] u8 whose last 4 bytes are a
-        float32 norm (TMA's smallest box row), aliased as [stages, T, 4] f32 when compiled."""
-        u8, f32 = plgpu.SMEM((stages, T, 16), jnp.uint8), plgpu.SMEM((stages, T, 4), jnp.float32)
-        return (u8, f32) if self.interpret else plgpu.RefUnion(u8, f32)
+    def norm_window(self, stages: int, dtype: Any = jnp.float32) -> Any:
+        """Scratch for 16-byte windows per key row [stages, T, 16] u8 (TMA's smallest box
+        row) whose last bytes hold per-row fields, aliased as [stages, T, 16 / size] ``dtype``
+        when compiled."""
+        u8 = plgpu.SMEM((stages, T, 16), jnp.uint8)
+        view = plgpu.SMEM((stages, T, 16 // jnp.dtype(dtype).itemsize), dtype)
+        return (u8, view) if self.interpret else plgpu.RefUnion(u8, view)
 
-    def window_norms(self, window, slot):
-        """The norms [T] f32 (ROWS layout) of ring slot ``slot`` of a :meth:`norm_window`."""
-        u8, f32 = window
+    def window_field(self, window, slot, col: int, dtype: Any = jnp.float32):
+        """Column ``col`` (in ``dtype`` units) of ring slot ``slot`` of a :meth:`norm_window`:
+        [T] f32 in ROWS layout."""
+        u8, view = window
         if self.interpret:
-            return lax.bitcast_convert_type(u8.at[slot][...][:, 12:], jnp.float32)  # LE
-        return compat.load(f32.at[slot, :, 3], ROWS)
+            size = jnp.dtype(dtype).itemsize
+            raw = u8.at[slot][...][:, col * size:(col + 1) * size]
+            return lax.bitcast_convert_type(raw, dtype).astype(jnp.float32)  # little-endian
+        return compat.load(view.at[slot, :, col], ROWS).astype(jnp.float32)
 
     def full(self, shape, value, layout):
         x = jnp.full(shape, value, jnp.float32)
@@ -121,29 +140,31 @@ class Ops:
 
 
 class Ring(NamedTuple):
-    """One operand's TMA ring: ``codes`` [stages, T, DB] u8 shared, ``norms(slot)`` -> [T] f32
-    in ROWS layout, ``bar``: one barrier per slot."""
+    """One operand's TMA ring: ``codes`` [stages, T, DB] u8 shared (:func:`code_ring`),
+    ``norms(slot)`` -> a tuple of per-row [T] f32 vectors in ROWS layout (the norm; or a vLLM
+    value's scale and zero), ``bar``: one barrier per slot, ``swizzled``: as the codes."""
     codes: Any
     norms: Callable[[Any], Any]
     bar: Any
+    swizzled: bool = True
 
     def tile(self, slot):
-        """Wait for slot ``slot``; its codes ref [T, DB] and norms [T]."""
+        """Wait for slot ``slot``; its codes ref [T, DB] and per-row vectors."""
         plgpu.barrier_wait(self.bar.at[slot])
         return self.codes.at[slot], self.norms(slot)
 
 
 def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int], None],
                  k: Ring, v: Ring, q_hbm, q_smem, q_bar, kt_ref, vt_ref, planes: tuple,
-                 o_ref, lse_ref) -> None:
+                 o_ref, lse_ref, fmt: Format = Format()) -> None:
     """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
     split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
     ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue(i, slot)`` starts tile i's copies into
-    ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2, NQ, DB] f16 (even, odd coordinates,
-    pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``: K and V codebooks [16]
-    f32; ``planes``: their prmt tables (None: select lookups). The loop's decoded-V and P tiles
-    and the epilogue's output buffers are scoped one after the other, so they share shared
-    memory (more CTAs per SM)."""
+    ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
+    coordinates per part, pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``:
+    K and V codebooks [16] f32; ``planes``: their prmt tables (None: select lookups); ``fmt``:
+    :class:`Format`. The loop's decoded-V and P tiles and the epilogue's output buffers are
+    scoped one after the other, so they share shared memory (more CTAs per SM)."""
     plgpu.copy_gmem_to_smem(q_hbm, q_smem, q_bar)
     plgpu.barrier_wait(q_bar)
     tables = [[ref[i].astype(jnp.float16) for i in range(16)] for ref in (kt_ref, vt_ref)]
@@ -151,13 +172,22 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
     for s in range(stages):
         pl.when(s < n_tiles)(lambda s=s: issue(s, s))
 
+    def halves(codes, table, lut, swizzled):
+        """A code tile -> (even, odd coordinates) fp16 [T, DB] each."""
+        high, low = ops.decode(ops.load(codes, WG, swizzled), table, lut)
+        return (low, high) if fmt.low_nibble_first else (high, low)
+
     def step(i, carry, vdec, p_smem):
-        acc, m, l_rows = carry
+        acc, m, l_rows, z_rows = carry
         slot = lax.rem(i, stages)
-        k_codes, k_norms = k.tile(slot)
-        k_even, k_odd = ops.decode(ops.load(k_codes, WG), tables[0], planes[0])
-        s = ops.scores([(k_even, q_smem.at[0]), (k_odd, q_smem.at[1])], (T, NQ))
-        s = s * lax.broadcast_in_dim(k_norms, (T, NQ), [0])
+        k_codes, (k_scale,) = k.tile(slot)
+        k_even, k_odd = halves(k_codes, tables[0], planes[0], k.swizzled)
+        s = ops.scores([(half, q_smem.at[2 * j + n]) for j in range(fmt.q_parts)
+                        for n, half in enumerate((k_even, k_odd))], (T, NQ))
+        if fmt.key_nc:  # the decoded key's own L2 norm, per row (a reduction along D)
+            sq = jnp.square(k_even.astype(jnp.float32)) + jnp.square(k_odd.astype(jnp.float32))
+            k_scale = k_scale * lax.rsqrt(sq.sum(axis=1) + VLLM_NC_EPS)
+        s = s * lax.broadcast_in_dim(k_scale, (T, NQ), [0])
         valid = (start + i * T + ops.iota((T, NQ), 0)) < end
         s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=0))
@@ -166,22 +196,29 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
         # the softmax sum stays per key row (summed over the rows once, after the loop): one
         # cross-warp reduction per tile (the max) instead of two
         l_rows = l_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1]) + p
-        v_codes, v_norms = v.tile(slot)
-        v_even, v_odd = ops.decode(ops.load(v_codes, WG), tables[1], planes[1])
-        v_norm = lax.broadcast_in_dim(v_norms, (T, NQ), [0])
+        v_codes, v_rows = v.tile(slot)
+        v_even, v_odd = halves(v_codes, tables[1], planes[1], v.swizzled)
+        v_mul = lax.broadcast_in_dim(v_rows[0], (T, NQ), [0])  # the norm, or the scale
         vdec.at[:, pl.ds(0, DB)][...] = v_even
         vdec.at[:, pl.ds(DB, DB)][...] = v_odd
-        p_smem[...] = jnp.where(valid, p * v_norm, 0.0).astype(jnp.float16)
+        p_smem[...] = jnp.where(valid, p * v_mul, 0.0).astype(jnp.float16)
         plgpu.commit_smem()
+        if fmt.value_offset is not None:  # sum_keys p * (zero + offset * scale), per row
+            zero = lax.broadcast_in_dim(v_rows[1] + fmt.value_offset * v_rows[0], (T, NQ), [0])
+            z_rows = (z_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1])
+                      + jnp.where(valid, p * zero, 0.0))
         acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), vdec, p_smem)
         pl.when(i + stages < n_tiles)(lambda: issue(i + stages, slot))
-        return acc, m_new, l_rows
+        return acc, m_new, l_rows, z_rows
 
     def loop(vdec, p_smem):
-        carry = (ops.full((D, NQ), 0.0, WG), ops.full((NQ,), -jnp.inf, WG.reduce(0)),
-                 ops.full((T, NQ), 0.0, WG))
-        acc, m, l_rows = lax.fori_loop(0, n_tiles, lambda i, c: step(i, c, vdec, p_smem),
-                                       carry)
+        rows = ops.full((T, NQ), 0.0, WG)
+        carry = (ops.full((D, NQ), 0.0, WG), ops.full((NQ,), -jnp.inf, WG.reduce(0)), rows,
+                 None if fmt.value_offset is None else rows)
+        acc, m, l_rows, z_rows = lax.fori_loop(
+            0, n_tiles, lambda i, c: step(i, c, vdec, p_smem), carry)
+        if z_rows is not None:
+            acc = acc + lax.broadcast_in_dim(z_rows.sum(axis=0), (D, NQ), [1])
         return acc, m, l_rows.sum(axis=0)
 
     acc, m, l = pl.run_scoped(loop, ops.smem((T, D), jnp.float16, 32),
@@ -198,9 +235,22 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
     pl.run_scoped(epilogue, ops.smem((D, NQ), jnp.float32), ops.smem((NQ,), jnp.float32))
 
 
-def query_scratch(ops: Ops) -> dict:
-    """The query tile [2, NQ, DB] f16 and its barrier (scratch of every decode kernel)."""
-    return dict(q_smem=ops.smem((2, NQ, DB), jnp.float16, 128),
+def swizzles(row_width: int | None) -> bool:
+    """Whether code tiles copied from rows of ``row_width`` bytes can be swizzled: Mosaic
+    tiles the source array like the tile (8 x 64 bytes), so the width must be a multiple of
+    64 (None: a contiguous [.., S, DB] array, always). Otherwise the tiles stay plain and load
+    with bank conflicts (vLLM's 134-byte slots: 1072-byte rows at 8 KV heads)."""
+    return row_width is None or row_width % DB == 0
+
+
+def code_ring(ops: Ops, stages: int, swizzled: bool = True) -> Any:
+    """A ring of code tiles [stages, T, DB] u8 (64-byte swizzle, or plain)."""
+    return ops.smem((stages, T, DB), jnp.uint8, 64 if swizzled else None)
+
+
+def query_scratch(ops: Ops, q_parts: int = 1) -> dict:
+    """The query tile [2 * q_parts, NQ, DB] f16 and its barrier (every decode kernel)."""
+    return dict(q_smem=ops.smem((2 * q_parts, NQ, DB), jnp.float16, 128),
                 q_bar=plgpu.Barrier(num_arrivals=1))
 
 
@@ -209,14 +259,18 @@ def split_chunk(keys: int, num_splits: int) -> int:
     return pl.cdiv(pl.cdiv(keys, T), num_splits) * T
 
 
-def pack_query(q_rot: jax.Array, scale: float) -> jax.Array:
-    """[B, H, G, D] rotated queries -> [B, H, 2, NQ, DB] f16: even and odd coordinates, rows
-    padded to NQ, pre-scaled by ``scale * log2 e`` (base-2 softmax)."""
+def pack_query(q_rot: jax.Array, scale: float, q_parts: int = 1) -> jax.Array:
+    """[B, H, G, D] rotated queries -> [B, H, 2 * q_parts, NQ, DB] f16: even and odd
+    coordinates (``q_parts=2``: of the fp16 hi part, then of the lo remainder), rows padded to
+    NQ, pre-scaled by ``scale * log2 e`` (base-2 softmax)."""
     g = q_rot.shape[2]
     q = q_rot.astype(jnp.float32) * (scale * LOG2E)
     q = jnp.stack([q[..., 0::2], q[..., 1::2]], axis=2)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, NQ - g), (0, 0)))
-    return q.astype(jnp.float16)
+    parts = [q.astype(jnp.float16)]
+    if q_parts == 2:
+        parts.append((q - parts[0].astype(jnp.float32)).astype(jnp.float16))
+    q = jnp.concatenate(parts, axis=2)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, NQ - g), (0, 0)))
 
 
 def merge_output(o: jax.Array, lse: jax.Array, g: int) -> jax.Array:

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from .. import pallas_mosaic as mosaic
 from .. import pallas_triton as triton
 from .._checks import check_attention_extras
 from ..backend import check_config, kernel_mode, reference_of, resolve_impl
-from ..layout import to_dtype
+from ..core import rotate_in_xla
+from ..layout import pad_codebook, to_dtype
 from ..pallas_triton.lut import codebook_parts, codebook_split_parts
 from ..pallas_triton.tuning import (DEQUANT_TILING, SCORE_MODES, STORE_TILING, CodecConfig,
                                     DecodeConfig, vllm_decode_config)
@@ -96,7 +98,13 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         ``w`` or ``(w, right)`` - the last ``w + 1`` positions (right is moot for decode).
         logit_soft_cap: logits -> ``cap * tanh(logits / cap)`` (Gemma; static float).
         sinks: [H_Q] float per-head sink logits joining the softmax denominator.
-        config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`).
+        config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`), or a
+        :class:`~tq4jax.pallas_mosaic.MosaicConfig` with ``impl="mosaic"`` (whose splits
+        replace ``max_num_kv_splits``).
+      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper, experimental) serves D=128 with
+        4-bit keys and values (``turboquant_4bit_nc``), fp16 queries, block_size 8/16/32/64,
+        H_KV * slot a multiple of 16 bytes (8 KV heads at D=128), no window, soft cap or
+        sinks.
     Returns:
       [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
       are never read; block ids are clamped into the cache; length 0 gives zeros.
@@ -107,11 +115,25 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         key_packed_size, value_quant_bits, key_fp8, norm_correction, max_num_kv_splits)
     window, softcap, sinks = check_attention_extras(query.shape[1], local_window_size,
                                                     logit_soft_cap, sinks)
-    path = resolve_impl(impl)
-    config = check_config(config, DecodeConfig, path, "turboquant_decode")
+    b, hq, d = query.shape
+    nb, bs, hkv = kv_cache.shape[:3]
+    mosaic_ok = (window is None and softcap is None and sinks is None
+                 and query.dtype == jnp.float16  # the kernel's fp16 query tiles
+                 and mosaic.vllm.supported(lay, hq // hkv, bs, hkv))
+    path = resolve_impl(impl, mosaic=mosaic_ok)
+    config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else DecodeConfig,
+                          path, "turboquant_decode")
     if path == "reference":
         return to_dtype(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
                                    lay, nc, scale, window, softcap, sinks), query.dtype)
+    if path == "mosaic":
+        q_rot = rotate_in_xla(query, rotation, jnp.float32).reshape(b, hkv, hq // hkv, d)
+        lens = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
+        out = mosaic.vllm.decode(q_rot, kv_cache, block_table, lens, pad_codebook(centroids),
+                                 scale, lay=lay, norm_correction=nc,
+                                 raw_centroids=raw_centroids, config=config,
+                                 interpret=kernel_mode().interpret)
+        return to_dtype(out.reshape(query.shape), query.dtype)
     config = config or vllm_decode_config(lay)
     ct = triton.vllm.compute_dtype(query.dtype, config.scores, lay.key_fp8)
     if lay.key_fp8:

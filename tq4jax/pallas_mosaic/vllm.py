@@ -1,0 +1,149 @@
+"""vLLM TurboQuant decode (LAYOUTS.md family B) in Pallas Mosaic GPU: 4-bit keys and values.
+
+Grid (split, KV head, sequence), one warpgroup per CTA, the loop of :func:`.tiles.attend_split`
+with the family-B :class:`.tiles.Format`. The cache [num_blocks, block_size, H_KV, slot] is a
+[rows, H_KV * slot] byte matrix to TMA; for each page of a 64-key tile the kernel reads the
+block id from the block table in HBM and copies, for its head: the key codes and the value
+codes ([block_size, D/2] boxes at the slot's byte columns), and two 16-byte windows per row
+(TMA's smallest box row) ending with the fp16 key norm and with the fp16 value scale and zero.
+
+* Keys: 4-bit Lloyd-Max codes, the even coordinate in the low nibble, decoded in registers;
+  with ``norm_correction`` divided by the decoded vector's own L2 norm (a reduction along D
+  per key row). Scores take the rotated query as an fp16 hi/lo pair (its rounding removed,
+  as the Triton-lowered kernel's default ``split_q``).
+* Values: uniform 4-bit levels, not rotated: the V table holds ``level - 7.5`` (antisymmetric,
+  so the same ``prmt`` lookup), P is scaled by each row's scale and ``sum p * (zero + 7.5 *
+  scale)`` is added to every coordinate. No post-rotation.
+* Pages past the sequence's last block are never followed; block ids are clamped into the
+  cache.
+
+Constraints (:func:`supported`): D = 128, 4-bit keys (not fp8) and values, <= 16 query heads
+per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
+of 16 bytes. Status: experimental, checked in GPU interpret mode (reads past an array raise)
+and by the sm_90 lowering on a CPU; not yet compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..layout import VllmSlot
+from .tiles import (D, DB, NQ, T, Format, MosaicConfig, Ops, Ring, attend_split, code_ring,
+                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
+                    split_chunk, swizzles)
+
+#: Bytes of a field window (TMA's smallest box row); fp16 columns of the fields in it.
+WINDOW, LAST, BEFORE_LAST = 16, 7, 6
+#: Value levels 0..15 stored centred (antisymmetric, so the prmt lookup serves them).
+VALUE_OFFSET = 7.5
+VALUE_TABLE = np.arange(16, dtype=np.float32) - VALUE_OFFSET
+
+
+def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
+    """vLLM caches this kernel serves (see the module docstring)."""
+    return (lay.head_dim == D and not lay.key_fp8 and lay.mse_bits == 4
+            and lay.value_bits == 4 and group <= NQ and block_size in (8, 16, 32, 64)
+            and (num_kv_heads * lay.slot_bytes) % 16 == 0 and lay.norm_at + 2 >= WINDOW)
+
+
+def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
+            chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
+            lay: VllmSlot, fmt: Format, swizzled: bool, q_smem, kc, kn, vc, vs, q_bar, k_bar,
+            v_bar):
+    """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
+    capacity); block table [S, max_blocks] i32; q [S, H, 4, NQ, DB] f16 (hi and lo parts);
+    K/V tables [16] f32; cache [num_blocks * block_size, H * slot] u8 in HBM; outputs as
+    :func:`.tiles.attend_split`. ``kn``/``vs``: fp16 field windows."""
+    split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
+    start = split * chunk
+    end = jnp.minimum(start + chunk, lens_ref[b])
+    base = h * lay.slot_bytes
+    cols = ((base, DB, kc, k_bar), (base + lay.norm_at + 2 - WINDOW, WINDOW, kn[0], k_bar),
+            (base + lay.value_at, DB, vc, v_bar),
+            (base + lay.zero_at + 2 - WINDOW, WINDOW, vs[0], v_bar))
+
+    def issue(i, slot):
+        first = (start + i * T) // block_size
+        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
+        for j in range(T // block_size):
+            blk = jnp.clip(bt_ref[b, jnp.minimum(first + j, last)], 0, num_blocks - 1)
+            rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
+            for col, width, buf, bar in cols:
+                plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
+                                        buf.at[slot, dst], bar.at[slot])
+
+    def field(window, col):
+        return lambda slot: ops.window_field(window, slot, col, jnp.float16)
+
+    attend_split(ops, start=start, end=end, stages=stages, issue=issue,
+                 k=Ring(kc, lambda slot: (field(kn, LAST)(slot),), k_bar, swizzled),
+                 v=Ring(vc, lambda slot: (field(vs, BEFORE_LAST)(slot), field(vs, LAST)(slot)),
+                        v_bar, swizzled),
+                 q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
+                 vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
+                 lse_ref=lse_ref.at[b, h, split], fmt=fmt)
+
+
+def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay: VllmSlot,
+          nc: bool, cfg: MosaicConfig, interpret: bool, planes: tuple):
+    ops = Ops(interpret)
+    ns, st = cfg.num_splits, cfg.stages
+    fmt = Format(low_nibble_first=True, key_nc=nc, value_offset=VALUE_OFFSET, q_parts=2)
+    swz = swizzles(h * lay.slot_bytes)
+    arrivals = 2 * (T // block_size)  # codes + field window per page
+    scratch = dict(
+        query_scratch(ops, fmt.q_parts),
+        kc=code_ring(ops, st, swz), kn=ops.norm_window(st, jnp.float16),
+        vc=code_ring(ops, st, swz), vs=ops.norm_window(st, jnp.float16),
+        k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
+        v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
+    kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
+                     planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
+                     fmt=fmt, swizzled=swz)
+    return plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
+                          jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
+        scratch_types=scratch, grid=(ns, h, s), grid_names=("s", "h", "b"),
+        **launch_params(interpret, out_of_bounds_reads="raise"))
+
+
+@partial(jax.jit, static_argnames=("scale", "lay", "nc", "config", "interpret", "k_planes"))
+def _decode(q_rot, kv_cache, block_table, lens, k_table, *, scale, lay, nc, config, interpret,
+            k_planes):
+    s, h, g, _ = q_rot.shape
+    nb, bs = kv_cache.shape[:2]
+    cache = kv_cache.reshape(nb * bs, h * lay.slot_bytes)
+    call = _call(s, h, nb, bs, block_table.shape[1], lay, nc, config, interpret,
+                 (k_planes, prmt_planes(VALUE_TABLE)))
+    o, lse = call(lens, block_table, pack_query(q_rot, scale, 2), k_table,
+                  jnp.asarray(VALUE_TABLE), cache)
+    return merge_output(o, lse, g)
+
+
+def decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array, lens: jax.Array,
+           centroids: jax.Array, scale: float, *, lay: VllmSlot, norm_correction: bool,
+           raw_centroids: Any = None, config: MosaicConfig | None = None,
+           interpret: bool = False) -> jax.Array:
+    """vLLM TurboQuant decode of 4-bit keys and values.
+
+    Args:
+      q_rot: [S, H_KV, G, D] float32, the queries rotated (``query @ Pi^T``), per KV head.
+      kv_cache: [num_blocks, block_size, H_KV, slot] uint8 of layout ``lay``; block_table:
+        [S, max_blocks] int32; lens: [S] int32 within the table's capacity (0 gives zeros).
+      centroids: float32 [16] the key codebook (``raw_centroids``: the caller's, compiled in
+        as prmt tables when concrete and antisymmetric); scale: the softmax scale.
+      norm_correction: keys divided by their decoded vector's L2 norm (vLLM's ``*_nc``).
+    Returns:
+      float32 [S, H_KV, G, D] (values are not rotated: no post-rotation).
+    """
+    return _decode(q_rot, kv_cache, block_table, lens, centroids, scale=float(scale), lay=lay,
+                   nc=bool(norm_correction), config=config or MosaicConfig(),
+                   interpret=interpret, k_planes=prmt_planes(raw_centroids))
