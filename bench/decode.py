@@ -1,5 +1,5 @@
 """Decode kernels, one table: contiguous ``flash_attention_tq4_kv``, ``paged_decode`` (family A)
-and ``tq.vllm.turboquant_decode`` (4bit_nc) per kernel backend, the original paged decode
+and ``tq.vllm.turboquant_decode`` (4bit_nc, k8v4) per kernel backend, the original paged decode
 through jax-triton (when installed), beside torch SDPA fp16 on dense K/V (CUDA-graph replays,
 when torch is importable) and jax cuDNN attention on dense K/V; 32/8 heads, D=128, block 16.
 
@@ -10,7 +10,7 @@ written) measured at the start of the same run.
 
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
-    PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # both layouts
+    PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
 """
 
@@ -79,11 +79,18 @@ def cases(b: int, ctx: int):
                            slots, rot, bnd)
     kp, kn, vp, vn = tq.compress_kv(k.reshape(b, ctx, HKV, D).swapaxes(1, 2),
                                     v.reshape(b, ctx, HKV, D).swapaxes(1, 2), rot, bnd)
-    pr = tq.vllm.preset("turboquant_4bit_nc", D)
     pi = tq.hadamard_rotation(D, seed=1)
-    vcache = tq.vllm.turboquant_store(jnp.zeros(pr.cache_shape(b * ctx // BS, BS, HKV),
-                                                jnp.uint8), k, v, slots, pi, cent,
-                                      **pr.store_kwargs())
+
+    def vllm_case(name: str):
+        """(maker, args, bytes) of tq.vllm.turboquant_decode on a cache of preset ``name``."""
+        pr = tq.vllm.preset(name, D)
+        vcache = tq.vllm.turboquant_store(jnp.zeros(pr.cache_shape(b * ctx // BS, BS, HKV),
+                                                    jnp.uint8), k, v, slots, pi, cent,
+                                          **pr.store_kwargs())
+        return (lambda impl, config=None: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
+            q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), config=config, impl=impl)),
+            (q, vcache, table, lens), n * pr.slot_bytes)
+
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
     n = b * HKV * ctx
     return {
@@ -93,9 +100,8 @@ def cases(b: int, ctx: int):
         "paged_decode": (lambda impl, config=None: jax.jit(lambda q, c, t, l: tq.paged_decode(
             q, c, t, l, cent, rot, **kw, config=config, impl=impl)),
             (q, cache, table, lens), n * 136),
-        "vllm 4bit_nc": (lambda impl: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
-            q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), impl=impl)),
-            (q, vcache, table, lens), n * pr.slot_bytes),
+        "vllm 4bit_nc": vllm_case("turboquant_4bit_nc"),
+        "vllm k8v4": vllm_case("turboquant_k8v4"),
         "original paged (jax-triton)": (original_paged, (q, cache, table, lens, cent, rot),
                                         n * 136),
     }
@@ -113,10 +119,10 @@ def original_paged(impl: str):
 
 
 def mosaic_sweep(b: int, ctx: int) -> None:
-    """Contiguous and paged decode on the Mosaic backend per MosaicConfig (KV splits x TMA
-    ring depth), beside the Triton-lowered kernel's default in the same run (GPU ms)."""
+    """Contiguous, paged and vLLM-layout decode on the Mosaic backend per MosaicConfig (KV
+    splits x TMA ring depth), beside the Triton-lowered kernel's default in the same run."""
     from tq4jax.pallas_mosaic import MosaicConfig
-    for name in ("contiguous tq4_kv", "paged_decode"):
+    for name in ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4"):
         run, args, nbytes = cases(b, ctx)[name]
         base = gpu_or_wall(run("triton"), *args)
         print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")

@@ -208,19 +208,20 @@ def test_paged_decode_compiled_on_hopper(rng):
     assert rel_l2(got[1:], want[1:]) < 1e-2
 
 
-VLLM_NC = dict(mse_bits=4, key_packed_size=66, value_quant_bits=4, key_fp8=False)
 
-
-@pytest.mark.parametrize("bs,cfg,nc", [(16, MosaicConfig(2, 2), True),
-                                       (8, MosaicConfig(3, 3), True),
-                                       (32, MosaicConfig(1, 2), False)], ids=str)
-def test_vllm_decode_matches_reference(rng, bs, cfg, nc):
-    """tq.vllm.turboquant_decode (4-bit keys and values, 8 KV heads: the row is 1072 bytes)
-    on the Mosaic backend against the reference path (relative Linf < 2e-3, as the Triton
-    kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a tile tail
-    and several tiles, garbage past each sequence's blocks, norm correction on and off."""
+@pytest.mark.parametrize("name,bs,cfg,nc", [
+    ("turboquant_4bit_nc", 16, MosaicConfig(2, 2), True),
+    ("turboquant_4bit_nc", 8, MosaicConfig(3, 3), True),
+    ("turboquant_4bit_nc", 32, MosaicConfig(1, 2), False),
+    ("turboquant_k8v4", 16, MosaicConfig(2, 2), False)], ids=str)
+def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
+    """tq.vllm.turboquant_decode (4-bit or fp8 keys, 4-bit values, 8 KV heads: rows of 1072 or
+    1568 bytes) on the Mosaic backend against the reference path (relative Linf < 2e-3, as the
+    Triton kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a
+    tile tail and several tiles, garbage past each sequence's blocks, norm correction on and
+    off."""
     from test_vllm import write_sequences
-    pr = tq.vllm.preset("turboquant_4bit_nc", D)
+    pr = tq.vllm.preset(name, D)
     c, _ = tq.lloyd_max(D, 4)
     pi = tq.hadamard_rotation(D, seed=int(rng.integers(1000)))
     lens = [0, 1, bs, 64 + 7, 2 * 64 + bs + 3]
@@ -229,7 +230,7 @@ def test_vllm_decode_matches_reference(rng, bs, cfg, nc):
         bt[i, -(-n // bs):] = rng.integers(1 << 20, 1 << 30)  # never followed
     q = jnp.asarray(rng.standard_normal((len(lens), 32, D)) * 2, jnp.float16)
     args = (q, cache, bt, np.asarray(lens, np.int32), pi, c, D ** -0.5)
-    kw = dict(VLLM_NC, norm_correction=nc)
+    kw = dict(pr.decode_kwargs(), norm_correction=nc)
     got = np.asarray(tq.vllm.turboquant_decode(*args, **kw, config=cfg, impl="mosaic"),
                      np.float32)
     assert got.shape == q.shape
@@ -258,18 +259,20 @@ def test_vllm_refusals(rng):
                                       **pr.decode_kwargs(), impl="mosaic")
 
 
-@pytest.mark.parametrize("nc", [True, False])
-def test_vllm_decode_lowers_for_sm90(nc):
+@pytest.mark.parametrize("name,nc", [("turboquant_4bit_nc", True), ("turboquant_4bit_nc", False),
+                                     ("turboquant_k8v4", False)])
+def test_vllm_decode_lowers_for_sm90(name, nc):
     """The vLLM-layout kernel lowers to a Mosaic GPU module on a CPU (fp16 field windows,
-    the norm correction's row reduction, the hi/lo query products)."""
+    the norm correction's row reduction, the hi/lo query products, fp8 key conversion)."""
+    pr = tq.vllm.preset(name, D)
     pi = tq.hadamard_rotation(D, seed=1)
     c = tq.lloyd_max(D, 4)[0]
     s = jax.ShapeDtypeStruct
-    args = (s((8, 32, D), jnp.float16), s((600, 16, 8, 134), jnp.uint8), s((8, 64), jnp.int32),
-            s((8,), jnp.int32))
+    args = (s((8, 32, D), jnp.float16), s(pr.cache_shape(600, 16, 8), jnp.uint8),
+            s((8, 64), jnp.int32), s((8,), jnp.int32))
+    kw = dict(pr.decode_kwargs(), norm_correction=nc)
     text = lower_for_gpu(lambda q, cache, bt, n: tq.vllm.turboquant_decode(
-        q, cache, bt, n, pi, c, D ** -0.5, **VLLM_NC, norm_correction=nc, impl="mosaic"),
-        *args)
+        q, cache, bt, n, pi, c, D ** -0.5, **kw, impl="mosaic"), *args)
     assert "mosaic_gpu" in text and "prmt.b32" in text
 
 

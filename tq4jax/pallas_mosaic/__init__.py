@@ -5,8 +5,8 @@
   codebook lookups (:mod:`.lut`).
 * :mod:`.paged`: ``paged_decode`` on a paged TQ4 cache (pages copied by TMA from block-table
   entries read in the kernel).
-* :mod:`.vllm`: ``tq.vllm.turboquant_decode`` with 4-bit keys and values (vLLM's
-  ``turboquant_4bit_nc``).
+* :mod:`.vllm`: ``tq.vllm.turboquant_decode`` with 4-bit or fp8 keys and 4-bit values
+  (vLLM's ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
 * :mod:`.tiles`: what they share (the loop over a split's key tiles, scratch, query packing,
   split merge).
 

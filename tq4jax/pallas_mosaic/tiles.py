@@ -49,11 +49,14 @@ class Format(NamedTuple):
     divided by their own L2 norm), ``value_offset`` (values are ``(level + value_offset) *
     scale + zero``: the V table holds ``level - value_offset`` centred, antisymmetric levels)
     with per-row (scale, zero) instead of a norm, and ``q_parts=2`` (the query as an fp16
-    hi/lo pair: four score products instead of two)."""
+    hi/lo pair: four score products instead of two); ``fp8_keys`` (vLLM's k8v4: key rows are
+    D float8 e4m3 bytes, unrotated and unscaled; the query is packed in its first and second
+    halves instead of even and odd coordinates)."""
     low_nibble_first: bool = False
     key_nc: bool = False
     value_offset: float | None = None
     q_parts: int = 1
+    fp8_keys: bool = False  # keys as raw e4m3 bytes [T, D] (no norm), the query in halves
 
 
 class Ops:
@@ -177,17 +180,29 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
         high, low = ops.decode(ops.load(codes, WG, swizzled), table, lut)
         return (low, high) if fmt.low_nibble_first else (high, low)
 
+    def fp8_halves(codes):
+        """Raw e4m3 key bytes [T, D] -> (first, second half) fp16 [T, DB] each."""
+        return tuple(lax.bitcast_convert_type(ops.load(codes.at[:, pl.ds(n * DB, DB)], WG, False),
+                                              jnp.float8_e4m3fn).astype(jnp.float16)
+                     for n in range(2))
+
     def step(i, carry, vdec, p_smem):
         acc, m, l_rows, z_rows = carry
         slot = lax.rem(i, stages)
-        k_codes, (k_scale,) = k.tile(slot)
-        k_even, k_odd = halves(k_codes, tables[0], planes[0], k.swizzled)
+        k_codes, k_rows = k.tile(slot)
+        if fmt.fp8_keys:
+            k_even, k_odd = fp8_halves(k_codes)  # the halves pair with the query's halves
+        else:
+            k_even, k_odd = halves(k_codes, tables[0], planes[0], k.swizzled)
         s = ops.scores([(half, q_smem.at[2 * j + n]) for j in range(fmt.q_parts)
                         for n, half in enumerate((k_even, k_odd))], (T, NQ))
-        if fmt.key_nc:  # the decoded key's own L2 norm, per row (a reduction along D)
-            sq = jnp.square(k_even.astype(jnp.float32)) + jnp.square(k_odd.astype(jnp.float32))
-            k_scale = k_scale * lax.rsqrt(sq.sum(axis=1) + VLLM_NC_EPS)
-        s = s * lax.broadcast_in_dim(k_scale, (T, NQ), [0])
+        if k_rows:
+            k_scale = k_rows[0]
+            if fmt.key_nc:  # the decoded key's own L2 norm, per row (a reduction along D)
+                sq = (jnp.square(k_even.astype(jnp.float32))
+                      + jnp.square(k_odd.astype(jnp.float32)))
+                k_scale = k_scale * lax.rsqrt(sq.sum(axis=1) + VLLM_NC_EPS)
+            s = s * lax.broadcast_in_dim(k_scale, (T, NQ), [0])
         valid = (start + i * T + ops.iota((T, NQ), 0)) < end
         s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=0))
@@ -243,9 +258,9 @@ def swizzles(row_width: int | None) -> bool:
     return row_width is None or row_width % DB == 0
 
 
-def code_ring(ops: Ops, stages: int, swizzled: bool = True) -> Any:
-    """A ring of code tiles [stages, T, DB] u8 (64-byte swizzle, or plain)."""
-    return ops.smem((stages, T, DB), jnp.uint8, 64 if swizzled else None)
+def code_ring(ops: Ops, stages: int, swizzled: bool = True, width: int = DB) -> Any:
+    """A ring of code tiles [stages, T, width] u8 (64-byte swizzle, or plain)."""
+    return ops.smem((stages, T, width), jnp.uint8, 64 if swizzled else None)
 
 
 def query_scratch(ops: Ops, q_parts: int = 1) -> dict:
@@ -259,13 +274,17 @@ def split_chunk(keys: int, num_splits: int) -> int:
     return pl.cdiv(pl.cdiv(keys, T), num_splits) * T
 
 
-def pack_query(q_rot: jax.Array, scale: float, q_parts: int = 1) -> jax.Array:
+def pack_query(q_rot: jax.Array, scale: float, q_parts: int = 1,
+               halves: bool = False) -> jax.Array:
     """[B, H, G, D] rotated queries -> [B, H, 2 * q_parts, NQ, DB] f16: even and odd
-    coordinates (``q_parts=2``: of the fp16 hi part, then of the lo remainder), rows padded to
-    NQ, pre-scaled by ``scale * log2 e`` (base-2 softmax)."""
+    coordinates (``halves``: first and second half; ``q_parts=2``: of the fp16 hi part, then
+    of the lo remainder), rows padded to NQ, pre-scaled by ``scale * log2 e`` (base 2)."""
     g = q_rot.shape[2]
     q = q_rot.astype(jnp.float32) * (scale * LOG2E)
-    q = jnp.stack([q[..., 0::2], q[..., 1::2]], axis=2)
+    if halves:
+        q = jnp.stack([q[..., :DB], q[..., DB:]], axis=2)
+    else:
+        q = jnp.stack([q[..., 0::2], q[..., 1::2]], axis=2)
     parts = [q.astype(jnp.float16)]
     if q_parts == 2:
         parts.append((q - parts[0].astype(jnp.float32)).astype(jnp.float16))

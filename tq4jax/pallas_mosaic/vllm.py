@@ -1,4 +1,5 @@
-"""vLLM TurboQuant decode (LAYOUTS.md family B) in Pallas Mosaic GPU: 4-bit keys and values.
+"""vLLM TurboQuant decode (LAYOUTS.md family B) in Pallas Mosaic GPU: 4-bit or fp8 keys, 4-bit
+values (the presets ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
 
 Grid (split, KV head, sequence), one warpgroup per CTA, the loop of :func:`.tiles.attend_split`
 with the family-B :class:`.tiles.Format`. The cache [num_blocks, block_size, H_KV, slot] is a
@@ -10,14 +11,16 @@ codes ([block_size, D/2] boxes at the slot's byte columns), and two 16-byte wind
 * Keys: 4-bit Lloyd-Max codes, the even coordinate in the low nibble, decoded in registers;
   with ``norm_correction`` divided by the decoded vector's own L2 norm (a reduction along D
   per key row). Scores take the rotated query as an fp16 hi/lo pair (its rounding removed,
-  as the Triton-lowered kernel's default ``split_q``).
+  as the Triton-lowered kernel's default ``split_q``). fp8 keys (k8v4): [block_size, D] boxes
+  of raw e4m3 bytes converted to fp16 in registers, scored against the unrotated query (in
+  halves), no norm.
 * Values: uniform 4-bit levels, not rotated: the V table holds ``level - 7.5`` (antisymmetric,
   so the same ``prmt`` lookup), P is scaled by each row's scale and ``sum p * (zero + 7.5 *
   scale)`` is added to every coordinate. No post-rotation.
 * Pages past the sequence's last block are never followed; block ids are clamped into the
   cache.
 
-Constraints (:func:`supported`): D = 128, 4-bit keys (not fp8) and values, <= 16 query heads
+Constraints (:func:`supported`): D = 128, 4-bit or fp8 keys, 4-bit values, <= 16 query heads
 per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
 of 16 bytes. Status: experimental, checked in GPU interpret mode (reads past an array raise)
 and by the sm_90 lowering on a CPU; not yet compiled on a GPU.
@@ -49,26 +52,30 @@ VALUE_TABLE = np.arange(16, dtype=np.float32) - VALUE_OFFSET
 
 def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
     """vLLM caches this kernel serves (see the module docstring)."""
-    return (lay.head_dim == D and not lay.key_fp8 and lay.mse_bits == 4
-            and lay.value_bits == 4 and group <= NQ and block_size in (8, 16, 32, 64)
-            and (num_kv_heads * lay.slot_bytes) % 16 == 0 and lay.norm_at + 2 >= WINDOW)
+    keys_ok = lay.key_fp8 or (lay.mse_bits == 4 and lay.norm_at + 2 >= WINDOW)
+    return (lay.head_dim == D and keys_ok and lay.value_bits == 4 and group <= NQ
+            and block_size in (8, 16, 32, 64) and (num_kv_heads * lay.slot_bytes) % 16 == 0)
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
-            lay: VllmSlot, fmt: Format, swizzled: bool, q_smem, kc, kn, vc, vs, q_bar, k_bar,
-            v_bar):
+            lay: VllmSlot, fmt: Format, swizzled: bool, q_smem, kc, vc, vs, q_bar, k_bar,
+            v_bar, kn=None):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 4, NQ, DB] f16 (hi and lo parts);
     K/V tables [16] f32; cache [num_blocks * block_size, H * slot] u8 in HBM; outputs as
-    :func:`.tiles.attend_split`. ``kn``/``vs``: fp16 field windows."""
+    :func:`.tiles.attend_split`. ``kn``/``vs``: fp16 field windows (no ``kn`` for fp8 keys,
+    whose ``kc`` ring holds [T, D] bytes)."""
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
     base = h * lay.slot_bytes
-    cols = ((base, DB, kc, k_bar), (base + lay.norm_at + 2 - WINDOW, WINDOW, kn[0], k_bar),
-            (base + lay.value_at, DB, vc, v_bar),
-            (base + lay.zero_at + 2 - WINDOW, WINDOW, vs[0], v_bar))
+    if fmt.fp8_keys:
+        cols = ((base, D, kc, k_bar),)
+    else:
+        cols = ((base, DB, kc, k_bar), (base + lay.norm_at + 2 - WINDOW, WINDOW, kn[0], k_bar))
+    cols += ((base + lay.value_at, DB, vc, v_bar),
+             (base + lay.zero_at + 2 - WINDOW, WINDOW, vs[0], v_bar))
 
     def issue(i, slot):
         first = (start + i * T) // block_size
@@ -83,8 +90,9 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     def field(window, col):
         return lambda slot: ops.window_field(window, slot, col, jnp.float16)
 
+    k_rows = (lambda slot: ()) if fmt.fp8_keys else (lambda slot: (field(kn, LAST)(slot),))
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kc, lambda slot: (field(kn, LAST)(slot),), k_bar, swizzled),
+                 k=Ring(kc, k_rows, k_bar, swizzled and not fmt.fp8_keys),
                  v=Ring(vc, lambda slot: (field(vs, BEFORE_LAST)(slot), field(vs, LAST)(slot)),
                         v_bar, swizzled),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
@@ -96,15 +104,18 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
           nc: bool, cfg: MosaicConfig, interpret: bool, planes: tuple):
     ops = Ops(interpret)
     ns, st = cfg.num_splits, cfg.stages
-    fmt = Format(low_nibble_first=True, key_nc=nc, value_offset=VALUE_OFFSET, q_parts=2)
+    fmt = vllm_format(lay, nc)
     swz = swizzles(h * lay.slot_bytes)
-    arrivals = 2 * (T // block_size)  # codes + field window per page
+    pages = T // block_size  # each brings codes + a field window (fp8 keys: the bytes alone)
     scratch = dict(
         query_scratch(ops, fmt.q_parts),
-        kc=code_ring(ops, st, swz), kn=ops.norm_window(st, jnp.float16),
+        kc=(code_ring(ops, st, False, D) if fmt.fp8_keys else code_ring(ops, st, swz)),
         vc=code_ring(ops, st, swz), vs=ops.norm_window(st, jnp.float16),
-        k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
-        v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
+        k_bar=plgpu.Barrier(num_arrivals=pages * (1 if fmt.fp8_keys else 2),
+                            num_barriers=st),
+        v_bar=plgpu.Barrier(num_arrivals=2 * pages, num_barriers=st))
+    if not fmt.fp8_keys:
+        scratch["kn"] = ops.norm_window(st, jnp.float16)
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
                      fmt=fmt, swizzled=swz)
@@ -115,6 +126,12 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
         **launch_params(interpret, out_of_bounds_reads="raise"))
 
 
+def vllm_format(lay: VllmSlot, nc: bool) -> Format:
+    """The :class:`.tiles.Format` of a vLLM slot layout (4-bit or fp8 keys, 4-bit values)."""
+    return Format(low_nibble_first=True, key_nc=nc and not lay.key_fp8,
+                  value_offset=VALUE_OFFSET, q_parts=2, fp8_keys=lay.key_fp8)
+
+
 @partial(jax.jit, static_argnames=("scale", "lay", "nc", "config", "interpret", "k_planes"))
 def _decode(q_rot, kv_cache, block_table, lens, k_table, *, scale, lay, nc, config, interpret,
             k_planes):
@@ -123,7 +140,7 @@ def _decode(q_rot, kv_cache, block_table, lens, k_table, *, scale, lay, nc, conf
     cache = kv_cache.reshape(nb * bs, h * lay.slot_bytes)
     call = _call(s, h, nb, bs, block_table.shape[1], lay, nc, config, interpret,
                  (k_planes, prmt_planes(VALUE_TABLE)))
-    o, lse = call(lens, block_table, pack_query(q_rot, scale, 2), k_table,
+    o, lse = call(lens, block_table, pack_query(q_rot, scale, 2, halves=lay.key_fp8), k_table,
                   jnp.asarray(VALUE_TABLE), cache)
     return merge_output(o, lse, g)
 

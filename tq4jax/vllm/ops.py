@@ -102,9 +102,9 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         :class:`~tq4jax.pallas_mosaic.MosaicConfig` with ``impl="mosaic"`` (whose splits
         replace ``max_num_kv_splits``).
       impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper, experimental) serves D=128 with
-        4-bit keys and values (``turboquant_4bit_nc``), fp16 queries, block_size 8/16/32/64,
-        H_KV * slot a multiple of 16 bytes (8 KV heads at D=128), no window, soft cap or
-        sinks.
+        4-bit or fp8 keys and 4-bit values (``turboquant_4bit_nc``, ``turboquant_k8v4``),
+        fp16 queries, block_size 8/16/32/64, H_KV * slot a multiple of 16 bytes (8 KV heads
+        at D=128), no window, soft cap or sinks.
     Returns:
       [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
       are never read; block ids are clamped into the cache; length 0 gives zeros.
@@ -127,7 +127,8 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         return to_dtype(ref.decode(query, kv_cache, block_table, seq_lens, rotation, centroids,
                                    lay, nc, scale, window, softcap, sinks), query.dtype)
     if path == "mosaic":
-        q_rot = rotate_in_xla(query, rotation, jnp.float32).reshape(b, hkv, hq // hkv, d)
+        q_rot = (query.astype(jnp.float32) if lay.key_fp8 else
+                 rotate_in_xla(query, rotation, jnp.float32)).reshape(b, hkv, hq // hkv, d)
         lens = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
         out = mosaic.vllm.decode(q_rot, kv_cache, block_table, lens, pad_codebook(centroids),
                                  scale, lay=lay, norm_correction=nc,
