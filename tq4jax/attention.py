@@ -124,7 +124,7 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
         return ref.contiguous(q, kd, vd, scale, causal, mask, lens, window, softcap, sinks)
     if path == "mosaic":
         kv_len = jnp.full((b,), sk, jnp.int32) if lens is None else jnp.clip(lens[:b], 0, sk)
-        q_rot = rotate_in_xla(q, rotation).reshape(b, hkv, group, d)
+        q_rot = rotate_in_xla(q, rotation, jnp.float32).reshape(b, hkv, group, d)
         out = mosaic.decode(q_rot, k[0], k[1], v[0], v[1], pad_codebook(k[2]),
                             pad_codebook(v[2]), kv_len, scale, raw_k=raw_k, raw_v=raw_v,
                             config=config, interpret=kernel_mode().interpret)

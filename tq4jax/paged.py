@@ -173,7 +173,7 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
     if path == "mosaic":
         s, hq, d = q.shape
         lens = jnp.clip(seq_lens, 0, block_table.shape[1] * block_size)
-        q_rot = rotate_in_xla(q, rotation).reshape(s, num_kv_heads, group, d)
+        q_rot = rotate_in_xla(q, rotation, jnp.float32).reshape(s, num_kv_heads, group, d)
         out = mosaic.paged_decode(q_rot, kv_cache, block_table, lens, pad_codebook(cent),
                                   pad_codebook(v_cent), scale, block_size=block_size,
                                   raw_k=raw[0], raw_v=raw[1], config=config,

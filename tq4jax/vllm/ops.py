@@ -116,7 +116,7 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     window, softcap, sinks = check_attention_extras(query.shape[1], local_window_size,
                                                     logit_soft_cap, sinks)
     b, hq, d = query.shape
-    nb, bs, hkv = kv_cache.shape[:3]
+    _, bs, hkv = kv_cache.shape[:3]
     mosaic_ok = (window is None and softcap is None and sinks is None
                  and query.dtype == jnp.float16  # the kernel's fp16 query tiles
                  and mosaic.vllm.supported(lay, hq // hkv, bs, hkv))
