@@ -25,13 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import PagedLayout, paged_layout
 from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, Ring, attend_split, code_ring,
-                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
-                    split_chunk, swizzles)
+                    launch_params, merge_output, pack_query, page_issuer, prmt_planes,
+                    query_scratch, split_chunk, swizzles)
 
 #: Bytes of the norm window copied per key row (TMA's smallest box row), and the float32
 #: column of the head's norm in it (its last 4 bytes).
@@ -55,21 +54,13 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
-    pages = T // block_size
     k_col, v_col = lay.k_codes + h * DB, lay.v_codes + h * DB
     kn_col = lay.k_norms + 4 * h + 4 - WINDOW  # the window ends with head h's norm
     vn_col = lay.v_norms + 4 * h + 4 - WINDOW
-
-    def issue(i, slot):
-        first = (start + i * T) // block_size
-        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
-        for j in range(pages):
-            blk = jnp.clip(bt_ref[b, jnp.minimum(first + j, last)], 0, num_blocks - 1)
-            rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
-            for col, width, buf, bar in ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar),
-                                         (v_col, DB, vc, v_bar), (vn_col, WINDOW, vn[0], v_bar)):
-                plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
-                                        buf.at[slot, dst], bar.at[slot])
+    cols = ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar), (v_col, DB, vc, v_bar),
+            (vn_col, WINDOW, vn[0], v_bar))
+    issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
+                        num_blocks=num_blocks, cols=cols)
 
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
                  k=Ring(kc, lambda slot: (ops.window_field(kn, slot, NORM_COL),), k_bar,

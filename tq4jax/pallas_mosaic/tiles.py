@@ -1,7 +1,9 @@
 """In-kernel pieces shared by the Mosaic GPU decode kernels (:mod:`.decode` contiguous,
-:mod:`.paged` paged): tile constants, the configuration, the operations that differ between
-compiled and interpret mode (:class:`Ops`), the loop over a split's key tiles with its
-epilogue (:func:`attend_split`), and the wrapper-side query packing and split merge.
+:mod:`.paged` paged, :mod:`.vllm` vLLM layout): tile constants, the configuration, the cache
+format (:class:`Format`), the operations that differ between compiled and interpret mode
+(:class:`Ops`), block-table-driven page copies (:func:`page_issuer`), the loop over a split's
+key tiles with its epilogue (:func:`attend_split`), and the wrapper-side query packing and
+split merge.
 
 One warpgroup per CTA walks one (sequence, KV head, split) in tiles of T=64 keys. Code tiles
 [64, D/2] uint8 and norm vectors [64] f32 arrive in a ``stages``-deep shared-memory ring (one
@@ -155,6 +157,26 @@ class Ring(NamedTuple):
         """Wait for slot ``slot``; its codes ref [T, DB] and per-row vectors."""
         plgpu.barrier_wait(self.bar.at[slot])
         return self.codes.at[slot], self.norms(slot)
+
+
+def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: int,
+                cols: tuple) -> Callable[[Any, int], None]:
+    """``issue(i, slot)`` of a paged cache [num_blocks * block_size, row bytes] in HBM: tile i
+    of the split [start, end) is T / block_size pages; each page's block id is read from
+    ``bt_row`` (the sequence's block-table row in HBM; entries past the split's last block are
+    never read: the last valid one stands in, its rows masked by the length; ids are clamped
+    into the cache) and every ``(byte column, width, ring, barrier)`` of ``cols`` is copied
+    by TMA into its ring slot."""
+    def issue(i, slot):
+        first = (start + i * T) // block_size
+        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
+        for j in range(T // block_size):
+            blk = jnp.clip(bt_row[jnp.minimum(first + j, last)], 0, num_blocks - 1)
+            rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
+            for col, width, buf, bar in cols:
+                plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
+                                        buf.at[slot, dst], bar.at[slot])
+    return issue
 
 
 def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int], None],

@@ -35,13 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import VllmSlot
 from .tiles import (D, DB, NQ, T, Format, MosaicConfig, Ops, Ring, attend_split, code_ring,
-                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
-                    split_chunk, swizzles)
+                    launch_params, merge_output, pack_query, page_issuer, prmt_planes,
+                    query_scratch, split_chunk, swizzles)
 
 #: Bytes of a field window (TMA's smallest box row); fp16 columns of the fields in it.
 WINDOW, LAST, BEFORE_LAST = 16, 7, 6
@@ -76,24 +75,16 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
         cols = ((base, DB, kc, k_bar), (base + lay.norm_at + 2 - WINDOW, WINDOW, kn[0], k_bar))
     cols += ((base + lay.value_at, DB, vc, v_bar),
              (base + lay.zero_at + 2 - WINDOW, WINDOW, vs[0], v_bar))
+    issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
+                        num_blocks=num_blocks, cols=cols)
 
-    def issue(i, slot):
-        first = (start + i * T) // block_size
-        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
-        for j in range(T // block_size):
-            blk = jnp.clip(bt_ref[b, jnp.minimum(first + j, last)], 0, num_blocks - 1)
-            rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
-            for col, width, buf, bar in cols:
-                plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
-                                        buf.at[slot, dst], bar.at[slot])
+    def field(window, col, slot):
+        return ops.window_field(window, slot, col, jnp.float16)
 
-    def field(window, col):
-        return lambda slot: ops.window_field(window, slot, col, jnp.float16)
-
-    k_rows = (lambda slot: ()) if fmt.fp8_keys else (lambda slot: (field(kn, LAST)(slot),))
+    k_rows = (lambda slot: ()) if fmt.fp8_keys else (lambda slot: (field(kn, LAST, slot),))
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
                  k=Ring(kc, k_rows, k_bar, swizzled and not fmt.fp8_keys),
-                 v=Ring(vc, lambda slot: (field(vs, BEFORE_LAST)(slot), field(vs, LAST)(slot)),
+                 v=Ring(vc, lambda slot: (field(vs, BEFORE_LAST, slot), field(vs, LAST, slot)),
                         v_bar, swizzled),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
