@@ -133,17 +133,18 @@ def test_model_decode_step_on_each_backend(rng):
         llama.forward(params, tok, cache, cfg, implementation="cudnn")
 
 
-@pytest.mark.parametrize("bs,cfg", [(8, MosaicConfig(2, 2)), (16, MosaicConfig(3, 3)),
-                                    (32, MosaicConfig(1, 2))], ids=str)
-def test_paged_decode_matches_reference(rng, bs, cfg):
+@pytest.mark.parametrize("bs,cfg,hkv", [(8, MosaicConfig(2, 2), 2), (16, MosaicConfig(3, 3), 4),
+                                        (32, MosaicConfig(1, 2), 2)], ids=str)
+def test_paged_decode_matches_reference(rng, bs, cfg, hkv):
     """paged_decode on the Mosaic backend against the reference path and the Triton-lowered
     kernel (relative L2 < 1e-2; fp16 kernels): lengths 0, 1, a block boundary, a tile tail and
     several tiles over shuffled blocks with holes, garbage entries past each sequence's blocks
     (never followed: interpret mode raises on a read past the cache), a 3-bit V codebook, 4
-    query heads per KV head."""
+    query heads per KV head; 2 KV heads (V codes off the 16-byte TMA grid: wider boxes) and 4
+    (aligned, plain code tiles)."""
     from test_paged import _setup
     lens = [0, 1, bs, 64 + 7, 3 * 64 + bs + 3]
-    t = _setup(rng, lens, 8, 2, D, bs, jnp.float16, v_bits=3)
+    t = _setup(rng, lens, 4 * hkv, hkv, D, bs, jnp.float16, v_bits=3)
     cache = tq.paged_write_reference(t["cache"], t["key"], t["val"], t["slot"], t["rot"],
                                      t["bnd"], t["vb"])
     args = (t["q"], cache, t["table"], t["lens"], t["cent"], t["rot"])
@@ -172,14 +173,56 @@ def test_paged_refusals(rng):
     with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
         tq.paged_decode(t["q"], t["cache"], t["table"], t["lens"], t["cent"], t["rot"],
                         **t["kw"], sinks=jnp.zeros(4), impl="mosaic")
+    t = _setup(rng, [5], 3, 3, D, 16, jnp.float16)  # 408-byte rows: TMA strides are x16
+    with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
+        tq.paged_decode(t["q"], t["cache"], t["table"], t["lens"], t["cent"], t["rot"],
+                        **t["kw"], impl="mosaic")
 
 
-@pytest.mark.parametrize("static,hkv", [(True, 8), (False, 8), (True, 2)],
-                         ids=["prmt", "select", "prmt-272-byte-rows"])
+@pytest.mark.parametrize("hkv", [1, 2, 3, 4, 8, 12, 16, 32])
+def test_tma_boxes_start_at_aligned_columns(hkv):
+    """Every TMA box the paged and vLLM kernels copy starts at a multiple of 16 bytes, stays
+    inside the row and holds its field, for every KV head of every layout they accept (a
+    misaligned box compiles, passes interpret mode, and faults on the GPU with
+    CUDA_ERROR_ILLEGAL_INSTRUCTION: found on an H200 at norm windows ending at the head's
+    norm)."""
+    from tq4jax.layout import NORM_BYTES
+    from tq4jax.pallas_mosaic import paged as mp, vllm as mv
+    lay = tq.paged_layout(hkv, D)
+    for row in (lay.row_bytes, lay.row_bytes + 16):
+        if not mp.supported(D, 1, 16, row):
+            assert row % 16
+            continue
+        vw = mp.DB if mp.v_aligned(lay) else mp.box_width(mp.DB)
+        for h in range(hkv):
+            kc, kn, kf, vc, vo, vn, vf = mp.tma_columns(lay, h, row)
+            assert kc % 16 == kn % 16 == vc % 16 == vn % 16 == 0, (h, row)
+            assert vc + vo == lay.v_codes + h * mp.DB and vo + mp.DB <= vw and vc + vw <= row
+            assert kn + 4 * kf == lay.k_norms + NORM_BYTES * h and kn + mp.WINDOW <= row
+            assert vn + 4 * vf == lay.v_norms + NORM_BYTES * h and vn + mp.WINDOW <= row
+    for name in ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc"):
+        pr = tq.vllm.preset(name, D)
+        sl = tq.vllm.vllm_slot(D, pr.mse_bits, pr.value_quant_bits, None, pr.key_fp8)
+        row = hkv * sl.slot_bytes
+        if not mv.supported(sl, 1, 16, hkv):
+            assert row % 16 or sl.mse_bits == 3, (name, hkv)
+            continue
+        kw, vw = mv.box_width(sl.key_bytes), mv.box_width(sl.value_bytes + 4)
+        for h in range(hkv):
+            kc, ko, vc, vo = mv.boxes(sl, h, row)
+            assert kc % 16 == vc % 16 == 0 and kc + kw <= row and vc + vw <= row, (name, h)
+            assert kc + ko == h * sl.slot_bytes and ko + sl.key_bytes <= kw
+            assert vc + vo == h * sl.slot_bytes + sl.value_at
+            assert vo + sl.value_bytes + 4 <= vw
+
+
+@pytest.mark.parametrize("static,hkv", [(True, 8), (False, 8), (True, 4), (True, 2)],
+                         ids=["prmt", "select", "prmt-544-byte-rows", "prmt-272-byte-rows"])
 def test_paged_decode_lowers_for_sm90(static, hkv):
     """The paged kernel lowers to a Mosaic GPU module on a CPU (block-table scalar loads, TMA
-    page boxes, the aliased norm windows; rows of 1088 bytes take swizzled code tiles, rows of
-    272 bytes (2 KV heads) plain ones)."""
+    page boxes, the aliased norm windows read at the head's column; rows of 1088 bytes take
+    swizzled code tiles, rows of 544 bytes (4 KV heads) plain ones, rows of 272 bytes (2 KV
+    heads: V codes at byte 136, off the 16-byte TMA grid) V codes in wider boxes)."""
     rot = tq.haar_rotation(D)
     cent = tq.lloyd_max(D, 4)[0]
     row = tq.paged_layout(hkv, D).row_bytes

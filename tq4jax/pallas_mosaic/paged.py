@@ -27,20 +27,38 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ..layout import PagedLayout, paged_layout
-from .tiles import (D, DB, NQ, T, MosaicConfig, Ops, Ring, attend_split, code_ring,
-                    launch_params, merge_output, pack_query, page_issuer, prmt_planes,
-                    query_scratch, split_chunk, swizzles)
+from ..layout import NORM_BYTES, PagedLayout, paged_layout
+from .tiles import (D, DB, NQ, T, TMA_ALIGN, MosaicConfig, Ops, Ring, aligned_box,
+                    attend_split, box_width, code_ring, launch_params, merge_output, pack_query,
+                    page_issuer, prmt_planes, query_scratch, split_chunk, swizzles)
 
-#: Bytes of the norm window copied per key row (TMA's smallest box row), and the float32
-#: column of the head's norm in it (its last 4 bytes).
-WINDOW, NORM_COL = 16, 3
+#: Bytes of the norm window copied per key row (TMA's smallest box row).
+WINDOW = 16
 
 
 def supported(head_dim: int, group: int, block_size: int, row_width: int) -> bool:
     """Paged caches this kernel serves (see the module docstring)."""
     return (head_dim == D and group <= NQ and block_size in (8, 16, 32, 64)
-            and row_width % 16 == 0)
+            and row_width % TMA_ALIGN == 0)
+
+
+def v_aligned(lay: PagedLayout) -> bool:
+    """Whether every head's V codes start at a TMA column (H_KV % 4 == 0), so that they
+    arrive as plain [block_size, D/2] boxes (else in wider boxes, :func:`tma_columns`)."""
+    return lay.v_codes % TMA_ALIGN == 0
+
+
+def tma_columns(lay: PagedLayout, h: Any, row_width: int) -> tuple:
+    """KV head ``h``'s boxes in a row of ``row_width`` bytes, each at a multiple of
+    TMA_ALIGN: (K codes column, K norm window column, the norm's float32 column in it, V codes
+    box column, the codes' byte offset in it (0 where :func:`v_aligned`, the box then D/2
+    wide, else :func:`.tiles.box_width` of D/2), V norm window column, its float32 column)."""
+    kn, kn_off = aligned_box(lay.k_norms + NORM_BYTES * h, WINDOW, row_width)
+    vn, vn_off = aligned_box(lay.v_norms + NORM_BYTES * h, WINDOW, row_width)
+    vc, vc_off = lay.v_codes + h * DB, 0
+    if not v_aligned(lay):
+        vc, vc_off = aligned_box(vc, box_width(DB), row_width)
+    return lay.k_codes + h * DB, kn, kn_off // 4, vc, vc_off, vn, vn_off // 4
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
@@ -50,23 +68,23 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
     cache [num_blocks * block_size, row_width] u8 in HBM; outputs o [S, H, S_, D, NQ] f32 and
     lse [S, H, S_, NQ] (as :func:`.tiles.attend_split`). ``kn``/``vn``: norm windows
-    (:meth:`.tiles.Ops.norm_window`)."""
+    (:meth:`.tiles.Ops.box_ring`); ``vc``: V code tiles, or wider boxes (not
+    :func:`v_aligned`)."""
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
-    k_col, v_col = lay.k_codes + h * DB, lay.v_codes + h * DB
-    kn_col = lay.k_norms + 4 * h + 4 - WINDOW  # the window ends with head h's norm
-    vn_col = lay.v_norms + 4 * h + 4 - WINDOW
-    cols = ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar), (v_col, DB, vc, v_bar),
-            (vn_col, WINDOW, vn[0], v_bar))
+    k_col, kn_col, k_field, v_col, v_off, vn_col, v_field = tma_columns(
+        lay, h, cache_hbm.shape[1])
+    cols = ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar),
+            (v_col, vc.shape[-1], vc, v_bar), (vn_col, WINDOW, vn[0], v_bar))
     issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
                         num_blocks=num_blocks, cols=cols)
-
+    v_plain = v_aligned(lay)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kc, lambda slot: (ops.window_field(kn, slot, NORM_COL),), k_bar,
+                 k=Ring(kc, lambda slot: (ops.window_field(kn, slot, k_field),), k_bar,
                         swizzled),
-                 v=Ring(vc, lambda slot: (ops.window_field(vn, slot, NORM_COL),), v_bar,
-                        swizzled),
+                 v=Ring(vc, lambda slot: (ops.window_field(vn, slot, v_field),), v_bar,
+                        swizzled and v_plain, None if v_plain else v_off),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
                  lse_ref=lse_ref.at[b, h, split])
@@ -77,16 +95,19 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row
     ops = Ops(interpret)
     ns, st = cfg.num_splits, cfg.stages
     swz = swizzles(row_width)
+    lay = paged_layout(h, D)
     arrivals = 2 * (T // block_size)  # codes + norms per page
     scratch = dict(
         query_scratch(ops),
-        kc=code_ring(ops, st, swz), kn=ops.norm_window(st),
-        vc=code_ring(ops, st, swz), vn=ops.norm_window(st),
+        kc=code_ring(ops, st, swz), kn=ops.box_ring(st, WINDOW),
+        vc=(code_ring(ops, st, swz) if v_aligned(lay) else
+            code_ring(ops, st, False, box_width(DB))),
+        vn=ops.box_ring(st, WINDOW),
         k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
-                     planes=planes, block_size=block_size, num_blocks=num_blocks,
-                     lay=paged_layout(h, D), swizzled=swz)
+                     planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
+                     swizzled=swz)
     return plgpu.kernel(
         kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),

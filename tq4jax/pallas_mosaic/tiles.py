@@ -37,6 +37,9 @@ D = 128   # the head dim these kernels serve
 DB = D // 2
 WG = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per key row of a [T, NQ] array
+#: A TMA box's innermost start coordinate must be a multiple of 16 bytes: a misaligned one
+#: compiles, runs in interpret mode, and faults on the GPU (CUDA_ERROR_ILLEGAL_INSTRUCTION).
+TMA_ALIGN = 16
 
 
 class MosaicConfig(NamedTuple):
@@ -81,23 +84,24 @@ class Ops:
             return ref[...]
         return compat.load(ref, layout, optimized)
 
-    def norm_window(self, stages: int, dtype: Any = jnp.float32) -> Any:
-        """Scratch for 16-byte windows per key row [stages, T, 16] u8 (TMA's smallest box
-        row) whose last bytes hold per-row fields, aliased as [stages, T, 16 / size] ``dtype``
-        when compiled."""
-        u8 = plgpu.SMEM((stages, T, 16), jnp.uint8)
-        view = plgpu.SMEM((stages, T, 16 // jnp.dtype(dtype).itemsize), dtype)
+    def box_ring(self, stages: int, width: int = 16, dtype: Any = jnp.float32) -> Any:
+        """Scratch for TMA boxes of ``width`` bytes per key row [stages, T, width] u8 whose
+        bytes hold per-row fields (and codes), aliased as [stages, T, width / size] ``dtype``
+        when compiled (interpret mode: the pair, the view unused)."""
+        u8 = plgpu.SMEM((stages, T, width), jnp.uint8)
+        view = plgpu.SMEM((stages, T, width // jnp.dtype(dtype).itemsize), dtype)
         return (u8, view) if self.interpret else plgpu.RefUnion(u8, view)
 
-    def window_field(self, window, slot, col: int, dtype: Any = jnp.float32):
-        """Column ``col`` (in ``dtype`` units) of ring slot ``slot`` of a :meth:`norm_window`:
-        [T] f32 in ROWS layout."""
+    def window_field(self, window, slot, col, dtype: Any = jnp.float32):
+        """Column ``col`` (in ``dtype`` units; an int or a traced int32) of ring slot ``slot``
+        of a :meth:`box_ring`: [T] f32 in ROWS layout."""
         u8, view = window
         if self.interpret:
             size = jnp.dtype(dtype).itemsize
-            raw = u8.at[slot][...][:, col * size:(col + 1) * size]
-            return lax.bitcast_convert_type(raw, dtype).astype(jnp.float32)  # little-endian
-        return compat.load(view.at[slot, :, col], ROWS).astype(jnp.float32)
+            raw = lax.dynamic_slice_in_dim(u8.at[slot][...], col * size, size, axis=1)
+            return lax.bitcast_convert_type(raw, dtype).reshape(T).astype(jnp.float32)
+        # unoptimized: no transfer plan exists for every row stride (a vLLM box's 96 bytes)
+        return compat.load(view.at[slot, :, col], ROWS, False).astype(jnp.float32)
 
     def full(self, shape, value, layout):
         x = jnp.full(shape, value, jnp.float32)
@@ -145,18 +149,43 @@ class Ops:
 
 
 class Ring(NamedTuple):
-    """One operand's TMA ring: ``codes`` [stages, T, DB] u8 shared (:func:`code_ring`),
-    ``norms(slot)`` -> a tuple of per-row [T] f32 vectors in ROWS layout (the norm; or a vLLM
-    value's scale and zero), ``bar``: one barrier per slot, ``swizzled``: as the codes."""
+    """One operand's TMA ring: ``codes`` [stages, T, W] u8 shared (:func:`code_ring`, or a
+    :meth:`Ops.box_ring` member), ``norms(slot)`` -> a tuple of per-row [T] f32 vectors in ROWS
+    layout (the norm; or a vLLM value's scale and zero), ``bar``: one barrier per slot,
+    ``swizzled``: as the codes; ``offset`` (None: 0, the whole W): the codes' byte column in
+    the box (an int or a traced int32), ``width`` bytes of them (a misaligned field copied in
+    an aligned box, :func:`aligned_box`)."""
     codes: Any
     norms: Callable[[Any], Any]
     bar: Any
     swizzled: bool = True
+    offset: Any = None
+    width: int = DB
 
     def tile(self, slot):
-        """Wait for slot ``slot``; its codes ref [T, DB] and per-row vectors."""
+        """Wait for slot ``slot``; its codes ref [T, width] and per-row vectors."""
         plgpu.barrier_wait(self.bar.at[slot])
-        return self.codes.at[slot], self.norms(slot)
+        codes = self.codes.at[slot]
+        if self.offset is not None:
+            codes = codes.at[:, pl.ds(self.offset, self.width)]
+        return codes, self.norms(slot)
+
+
+def box_width(part_bytes: int) -> int:
+    """Bytes of a TMA box that holds ``part_bytes`` starting at any even byte column: the
+    part and the <= 14 bytes before it down to a TMA_ALIGN column."""
+    return -(-(part_bytes + TMA_ALIGN - 2) // TMA_ALIGN) * TMA_ALIGN
+
+
+def aligned_box(field: Any, width: int, row_width: int) -> tuple[Any, Any]:
+    """The TMA box of ``width`` bytes of a row of ``row_width`` bytes (both multiples of
+    TMA_ALIGN) that holds byte column ``field`` (an int, or a traced int32) and what follows
+    it: (its start, a multiple of TMA_ALIGN inside the row; ``field``'s offset in it)."""
+    if isinstance(field, int):
+        start = min(field // TMA_ALIGN * TMA_ALIGN, row_width - width)
+    else:
+        start = jnp.minimum(field // TMA_ALIGN * TMA_ALIGN, row_width - width)
+    return start, field - start
 
 
 def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: int,
@@ -166,7 +195,8 @@ def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: i
     ``bt_row`` (the sequence's block-table row in HBM; entries past the split's last block are
     never read: the last valid one stands in, its rows masked by the length; ids are clamped
     into the cache) and every ``(byte column, width, ring, barrier)`` of ``cols`` is copied
-    by TMA into its ring slot."""
+    by TMA into its ring slot. Byte columns must be multiples of TMA_ALIGN
+    (:func:`aligned_box`)."""
     def issue(i, slot):
         first = (start + i * T) // block_size
         last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)

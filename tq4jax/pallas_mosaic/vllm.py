@@ -38,54 +38,61 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import VllmSlot
-from .tiles import (D, DB, NQ, T, Format, MosaicConfig, Ops, Ring, attend_split, code_ring,
-                    launch_params, merge_output, pack_query, page_issuer, prmt_planes,
-                    query_scratch, split_chunk, swizzles)
+from .tiles import (D, DB, NQ, T, TMA_ALIGN, Format, MosaicConfig, Ops, Ring, aligned_box,
+                    attend_split, box_width, launch_params, merge_output, pack_query,
+                    page_issuer, prmt_planes, query_scratch, split_chunk)
 
-#: Bytes of a field window (TMA's smallest box row); fp16 columns of the fields in it.
-WINDOW, LAST, BEFORE_LAST = 16, 7, 6
 #: Value levels 0..15 stored centred (antisymmetric, so the prmt lookup serves them).
 VALUE_OFFSET = 7.5
 VALUE_TABLE = np.arange(16, dtype=np.float32) - VALUE_OFFSET
 
 
+def boxes(lay: VllmSlot, h: Any, row_width: int) -> tuple:
+    """KV head ``h``'s two boxes in a row of ``row_width`` bytes (H_KV slots): (key box
+    column, the key's byte offset in it, value box column, the value's offset), every column
+    a multiple of TMA_ALIGN. The key box holds the key codes and fp16 norm (or the fp8
+    bytes), the value box the value codes, fp16 scale and zero."""
+    base = h * lay.slot_bytes
+    k_col, k_off = aligned_box(base, box_width(lay.key_bytes), row_width)
+    v_col, v_off = aligned_box(base + lay.value_at, box_width(lay.value_bytes + 4), row_width)
+    return k_col, k_off, v_col, v_off
+
+
 def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
     """vLLM caches this kernel serves (see the module docstring)."""
-    keys_ok = lay.key_fp8 or (lay.mse_bits == 4 and lay.norm_at + 2 >= WINDOW)
-    return (lay.head_dim == D and keys_ok and lay.value_bits == 4 and group <= NQ
-            and block_size in (8, 16, 32, 64) and (num_kv_heads * lay.slot_bytes) % 16 == 0)
+    row = num_kv_heads * lay.slot_bytes
+    return (lay.head_dim == D and (lay.key_fp8 or lay.mse_bits == 4) and lay.value_bits == 4
+            and group <= NQ and block_size in (8, 16, 32, 64) and row % TMA_ALIGN == 0
+            and box_width(max(lay.key_bytes, lay.value_bytes + 4)) <= row)
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
-            lay: VllmSlot, fmt: Format, swizzled: bool, q_smem, kc, vc, vs, q_bar, k_bar,
-            v_bar, kn=None):
+            lay: VllmSlot, fmt: Format, kb, vb, q_smem, q_bar, k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 4, NQ, DB] f16 (hi and lo parts);
     K/V tables [16] f32; cache [num_blocks * block_size, H * slot] u8 in HBM; outputs as
-    :func:`.tiles.attend_split`. ``kn``/``vs``: fp16 field windows (no ``kn`` for fp8 keys,
-    whose ``kc`` ring holds [T, D] bytes)."""
+    :func:`.tiles.attend_split`. ``kb``/``vb``: rings of key and value boxes
+    (:meth:`.tiles.Ops.box_ring`, fp16 views)."""
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
-    base = h * lay.slot_bytes
-    if fmt.fp8_keys:
-        cols = ((base, D, kc, k_bar),)
-    else:
-        cols = ((base, DB, kc, k_bar), (base + lay.norm_at + 2 - WINDOW, WINDOW, kn[0], k_bar))
-    cols += ((base + lay.value_at, DB, vc, v_bar),
-             (base + lay.zero_at + 2 - WINDOW, WINDOW, vs[0], v_bar))
+    k_col, k_off, v_col, v_off = boxes(lay, h, cache_hbm.shape[1])
+    kw, vw = kb[0].shape[-1], vb[0].shape[-1]
     issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
-                        num_blocks=num_blocks, cols=cols)
+                        num_blocks=num_blocks,
+                        cols=((k_col, kw, kb[0], k_bar), (v_col, vw, vb[0], v_bar)))
 
-    def field(window, col, slot):
-        return ops.window_field(window, slot, col, jnp.float16)
+    def field(box, byte, slot):  # an fp16 field at a byte offset (even) of the box
+        return ops.window_field(box, slot, byte // 2, jnp.float16)
 
-    k_rows = (lambda slot: ()) if fmt.fp8_keys else (lambda slot: (field(kn, LAST, slot),))
+    k_rows = ((lambda slot: ()) if fmt.fp8_keys else
+              (lambda slot: (field(kb, k_off + lay.norm_at, slot),)))
+    v_scale, v_zero = v_off + lay.value_bytes, v_off + lay.value_bytes + 2
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kc, k_rows, k_bar, swizzled and not fmt.fp8_keys),
-                 v=Ring(vc, lambda slot: (field(vs, BEFORE_LAST, slot), field(vs, LAST, slot)),
-                        v_bar, swizzled),
+                 k=Ring(kb[0], k_rows, k_bar, False, k_off, D if fmt.fp8_keys else DB),
+                 v=Ring(vb[0], lambda slot: (field(vb, v_scale, slot), field(vb, v_zero, slot)),
+                        v_bar, False, v_off, DB),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
                  lse_ref=lse_ref.at[b, h, split], fmt=fmt)
@@ -96,20 +103,16 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
     ops = Ops(interpret)
     ns, st = cfg.num_splits, cfg.stages
     fmt = vllm_format(lay, nc)
-    swz = swizzles(h * lay.slot_bytes)
-    pages = T // block_size  # each brings codes + a field window (fp8 keys: the bytes alone)
+    pages = T // block_size  # each brings one key box and one value box
     scratch = dict(
         query_scratch(ops, fmt.q_parts),
-        kc=(code_ring(ops, st, False, D) if fmt.fp8_keys else code_ring(ops, st, swz)),
-        vc=code_ring(ops, st, swz), vs=ops.norm_window(st, jnp.float16),
-        k_bar=plgpu.Barrier(num_arrivals=pages * (1 if fmt.fp8_keys else 2),
-                            num_barriers=st),
-        v_bar=plgpu.Barrier(num_arrivals=2 * pages, num_barriers=st))
-    if not fmt.fp8_keys:
-        scratch["kn"] = ops.norm_window(st, jnp.float16)
+        kb=ops.box_ring(st, box_width(lay.key_bytes), jnp.float16),
+        vb=ops.box_ring(st, box_width(lay.value_bytes + 4), jnp.float16),
+        k_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st),
+        v_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
-                     fmt=fmt, swizzled=swz)
+                     fmt=fmt)
     return plgpu.kernel(
         kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
