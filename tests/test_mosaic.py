@@ -134,14 +134,15 @@ def test_model_decode_step_on_each_backend(rng):
 
 
 @pytest.mark.parametrize("bs,cfg,hkv", [(8, MosaicConfig(2, 2), 2), (16, MosaicConfig(3, 3), 4),
-                                        (32, MosaicConfig(1, 2), 2)], ids=str)
+                                        (32, MosaicConfig(1, 2), 2), (16, MosaicConfig(2, 2), 8)],
+                         ids=str)
 def test_paged_decode_matches_reference(rng, bs, cfg, hkv):
     """paged_decode on the Mosaic backend against the reference path and the Triton-lowered
     kernel (relative L2 < 1e-2; fp16 kernels): lengths 0, 1, a block boundary, a tile tail and
     several tiles over shuffled blocks with holes, garbage entries past each sequence's blocks
     (never followed: interpret mode raises on a read past the cache), a 3-bit V codebook, 4
-    query heads per KV head; 2 KV heads (V codes off the 16-byte TMA grid: wider boxes) and 4
-    (aligned, plain code tiles)."""
+    query heads per KV head; 2 KV heads (V codes off the 16-byte TMA grid: wider boxes), 4
+    (K code tiles swizzled by 32 bytes, V plain) and 8 (K by 64, V by 32)."""
     from test_paged import _setup
     lens = [0, 1, bs, 64 + 7, 3 * 64 + bs + 3]
     t = _setup(rng, lens, 4 * hkv, hkv, D, bs, jnp.float16, v_bits=3)
@@ -185,7 +186,8 @@ def test_tma_boxes_start_at_aligned_columns(hkv):
     inside the row and holds its field, for every KV head of every layout they accept (a
     misaligned box compiles, passes interpret mode, and faults on the GPU with
     CUDA_ERROR_ILLEGAL_INSTRUCTION: found on an H200 at norm windows ending at the head's
-    norm)."""
+    norm); swizzled code boxes start at a multiple of their swizzle (else the GPU reads the
+    wrong bytes: found on an H200 at the V codes of 8 KV heads, byte 544)."""
     from tq4jax.layout import NORM_BYTES
     from tq4jax.pallas_mosaic import paged as mp, vllm as mv
     lay = tq.paged_layout(hkv, D)
@@ -194,8 +196,11 @@ def test_tma_boxes_start_at_aligned_columns(hkv):
             assert row % 16
             continue
         vw = mp.DB if mp.v_aligned(lay) else mp.box_width(mp.DB)
+        swz = mp.ring_swizzles(lay, row)
         for h in range(hkv):
             kc, kn, kf, vc, vo, vn, vf = mp.tma_columns(lay, h, row)
+            for col, sw in zip((kc, vc), swz):  # swizzled sources are read in whole tiles
+                assert sw is None or (col % sw == 0 and row % sw == 0), (h, row, col, sw)
             assert kc % 16 == kn % 16 == vc % 16 == vn % 16 == 0, (h, row)
             assert vc + vo == lay.v_codes + h * mp.DB and vo + mp.DB <= vw and vc + vw <= row
             assert kn + 4 * kf == lay.k_norms + NORM_BYTES * h and kn + mp.WINDOW <= row

@@ -11,10 +11,11 @@ the length mask drops; block ids are clamped into the cache.
 
 Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in
 {8, 16, 32, 64} (whole pages per tile; 8-row TMA tiling), a cache row width that is a multiple
-of 16 bytes (TMA strides); code tiles are swizzled where the row width is a multiple of 64
-(:func:`.tiles.swizzles`: 8 KV heads, 1088 bytes), else plain (2 KV heads, 272 bytes).
-Status: experimental, checked in GPU interpret mode (reads past an array raise there) and by
-the sm_90 lowering on a CPU; not yet compiled on a GPU.
+of 16 bytes (TMA strides); code tiles are swizzled where their columns allow
+(:func:`ring_swizzles`: at 8 KV heads, 1088-byte rows, K codes by 64 bytes and V codes, at
+byte 544, by 32), else plain (2 KV heads, 272 bytes).
+Status: checked in GPU interpret mode (reads past an array raise there), by the sm_90 lowering
+on a CPU, and compiled on an H200 (tests/test_mosaic.py, bench/decode.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ..layout import NORM_BYTES, PagedLayout, paged_layout
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, MosaicConfig, Ops, Ring, aligned_box,
                     attend_split, box_width, code_ring, launch_params, merge_output, pack_query,
-                    page_issuer, prmt_planes, query_scratch, split_chunk, swizzles)
+                    code_swizzle, page_issuer, prmt_planes, query_scratch, split_chunk)
 
 #: Bytes of the norm window copied per key row (TMA's smallest box row).
 WINDOW = 16
@@ -61,9 +62,16 @@ def tma_columns(lay: PagedLayout, h: Any, row_width: int) -> tuple:
     return lay.k_codes + h * DB, kn, kn_off // 4, vc, vc_off, vn, vn_off // 4
 
 
+def ring_swizzles(lay: PagedLayout, row_width: int) -> tuple:
+    """The swizzles of the K and V code rings (:func:`.tiles.code_swizzle` of the regions'
+    first columns; V boxes wider than D/2 (not :func:`v_aligned`) stay plain)."""
+    v = code_swizzle(lay.v_codes, row_width) if v_aligned(lay) else None
+    return code_swizzle(lay.k_codes, row_width), v
+
+
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
-            lay: PagedLayout, swizzled: bool, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
+            lay: PagedLayout, swizzles: tuple, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
     cache [num_blocks * block_size, row_width] u8 in HBM; outputs o [S, H, S_, D, NQ] f32 and
@@ -82,9 +90,9 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     v_plain = v_aligned(lay)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
                  k=Ring(kc, lambda slot: (ops.window_field(kn, slot, k_field),), k_bar,
-                        swizzled),
+                        swizzles[0] is not None),
                  v=Ring(vc, lambda slot: (ops.window_field(vn, slot, v_field),), v_bar,
-                        swizzled and v_plain, None if v_plain else v_off),
+                        swizzles[1] is not None, None if v_plain else v_off),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
                  lse_ref=lse_ref.at[b, h, split])
@@ -94,20 +102,19 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row
           cfg: MosaicConfig, interpret: bool, planes: tuple):
     ops = Ops(interpret)
     ns, st = cfg.num_splits, cfg.stages
-    swz = swizzles(row_width)
     lay = paged_layout(h, D)
+    swz = ring_swizzles(lay, row_width)
     arrivals = 2 * (T // block_size)  # codes + norms per page
     scratch = dict(
         query_scratch(ops),
-        kc=code_ring(ops, st, swz), kn=ops.box_ring(st, WINDOW),
-        vc=(code_ring(ops, st, swz) if v_aligned(lay) else
-            code_ring(ops, st, False, box_width(DB))),
+        kc=code_ring(ops, st, swz[0]), kn=ops.box_ring(st, WINDOW),
+        vc=code_ring(ops, st, swz[1], DB if v_aligned(lay) else box_width(DB)),
         vn=ops.box_ring(st, WINDOW),
         k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
-                     swizzled=swz)
+                     swizzles=swz)
     return plgpu.kernel(
         kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),

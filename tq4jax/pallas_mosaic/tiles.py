@@ -302,17 +302,25 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
     pl.run_scoped(epilogue, ops.smem((D, NQ), jnp.float32), ops.smem((NQ,), jnp.float32))
 
 
-def swizzles(row_width: int | None) -> bool:
-    """Whether code tiles copied from rows of ``row_width`` bytes can be swizzled: Mosaic
-    tiles the source array like the tile (8 x 64 bytes), so the width must be a multiple of
-    64 (None: a contiguous [.., S, DB] array, always). Otherwise the tiles stay plain and load
-    with bank conflicts (vLLM's 134-byte slots: 1072-byte rows at 8 KV heads)."""
-    return row_width is None or row_width % DB == 0
+def code_swizzle(column: int, row_width: int | None) -> int | None:
+    """The swizzle (bytes: 64, 32, or None for plain) of code tiles copied by TMA from byte
+    column ``column`` (plus any multiple of 64) of rows of ``row_width`` bytes (None: a
+    contiguous [.., S, DB] array, 64). Mosaic tiles the source array like the tile (8 rows x
+    swizzle bytes) and indexes it in whole tiles, so both must be multiples of the swizzle: a
+    column off that grid lowers, passes interpret mode, and reads the wrong bytes on the GPU
+    (found on an H200: the V codes of 8 KV heads at byte 544). Plain tiles load with bank
+    conflicts (vLLM's 134-byte slots: 1072-byte rows at 8 KV heads)."""
+    if row_width is None:
+        return DB
+    for swz in (DB, 32):
+        if column % swz == 0 and row_width % swz == 0:
+            return swz
+    return None
 
 
-def code_ring(ops: Ops, stages: int, swizzled: bool = True, width: int = DB) -> Any:
-    """A ring of code tiles [stages, T, width] u8 (64-byte swizzle, or plain)."""
-    return ops.smem((stages, T, width), jnp.uint8, 64 if swizzled else None)
+def code_ring(ops: Ops, stages: int, swizzle: int | None = DB, width: int = DB) -> Any:
+    """A ring of code tiles [stages, T, width] u8 (``swizzle``: :func:`code_swizzle`)."""
+    return ops.smem((stages, T, width), jnp.uint8, swizzle)
 
 
 def query_scratch(ops: Ops, q_parts: int = 1) -> dict:

@@ -4,9 +4,11 @@ values (the presets ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
 Grid (split, KV head, sequence), one warpgroup per CTA, the loop of :func:`.tiles.attend_split`
 with the family-B :class:`.tiles.Format`. The cache [num_blocks, block_size, H_KV, slot] is a
 [rows, H_KV * slot] byte matrix to TMA; for each page of a 64-key tile the kernel reads the
-block id from the block table in HBM and copies, for its head: the key codes and the value
-codes ([block_size, D/2] boxes at the slot's byte columns), and two 16-byte windows per row
-(TMA's smallest box row) ending with the fp16 key norm and with the fp16 value scale and zero.
+block id from the block table in HBM and copies two boxes of its head (:func:`boxes`, each
+starting at a 16-byte column as TMA requires, so a few bytes wider than the fields): the key
+codes with the fp16 key norm (or the fp8 key bytes), and the value codes with the fp16 value
+scale and zero. The fp16 fields are read from shared memory at their byte offsets; the code
+tiles stay plain (134-byte slots put the fields off any swizzle grid).
 
 * Keys: 4-bit Lloyd-Max codes, the even coordinate in the low nibble, decoded in registers;
   with ``norm_correction`` divided by the decoded vector's own L2 norm (a reduction along D
@@ -22,8 +24,9 @@ codes ([block_size, D/2] boxes at the slot's byte columns), and two 16-byte wind
 
 Constraints (:func:`supported`): D = 128, 4-bit or fp8 keys, 4-bit values, <= 16 query heads
 per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
-of 16 bytes. Status: experimental, checked in GPU interpret mode (reads past an array raise)
-and by the sm_90 lowering on a CPU; not yet compiled on a GPU.
+of 16 bytes. Status: checked in GPU interpret mode (reads past an array raise), by the sm_90
+lowering on a CPU, and compiled on an H200 (faster than the Triton-lowered kernel at B >= 8,
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
