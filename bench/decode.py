@@ -11,6 +11,7 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
+        [--ops paged_decode --splits 16 32 64 --stages 2 3]
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
 """
 
@@ -118,17 +119,21 @@ def original_paged(impl: str):
         q, c, t, l, cent, rot, HKV, D, BS))
 
 
-def mosaic_sweep(b: int, ctx: int) -> None:
+SWEEP_OPS = ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4")
+
+
+def mosaic_sweep(b: int, ctx: int, ops=SWEEP_OPS, splits_list=(4, 8, 16, 32),
+                 stages_list=(2, 3, 4)) -> None:
     """Contiguous, paged and vLLM-layout decode on the Mosaic backend per MosaicConfig (KV
     splits x TMA ring depth), beside the Triton-lowered kernel's default in the same run."""
     from tq4jax.pallas_mosaic import MosaicConfig
-    for name in ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4"):
+    for name in ops:
         run, args, nbytes = cases(b, ctx)[name]
         base = gpu_or_wall(run("triton"), *args)
         print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")
         print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
-        for splits in (4, 8, 16, 32):
-            for stages in (2, 3, 4):
+        for splits in splits_list:
+            for stages in stages_list:
                 try:
                     ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages)), *args)
                 except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
@@ -162,7 +167,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"])
     ap.add_argument("--mosaic-sweep", action="store_true",
-                    help="only sweep the Mosaic decode's configs at the first --batch/--ctx")
+                    help="only sweep the Mosaic decode's configs at each --batch/--ctx")
+    ap.add_argument("--ops", nargs="+", default=list(SWEEP_OPS), help="ops of the sweep")
+    ap.add_argument("--splits", type=int, nargs="+", default=[4, 8, 16, 32],
+                    help="KV splits of the sweep")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4],
+                    help="TMA ring depths of the sweep")
     ap.add_argument("--epilogue", action="store_true",
                     help="only compare the XLA and the fused split-merge epilogue")
     a = ap.parse_args()
@@ -172,7 +182,9 @@ def main() -> None:
         return
     if a.mosaic_sweep:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")
-        mosaic_sweep(a.batch[0], a.ctx[0])
+        for b in a.batch:
+            for ctx in a.ctx:
+                mosaic_sweep(b, ctx, a.ops, a.splits, a.stages)
         return
     on_gpu = jax.default_backend() == "gpu"
     copy = copy_bandwidth_gbs() if on_gpu else float("nan")

@@ -365,3 +365,80 @@ def test_serving_cache_decodes_on_mosaic(rng, layout):
     got = cache.decode(q, impl="mosaic")
     assert got.shape == q.shape and got.dtype == q.dtype
     assert rel_l2(got, cache.decode(q, impl="reference")) < 1e-2
+
+
+def test_split_rule_and_auto_rule():
+    """The Mosaic split rule gives the split counts measured best on an H200 (bench/RESULTS.md:
+    B=1 32K -> 64, B=8 -> 16, B=32 8K -> 4; >= 512 keys per split; at least 1), and ``auto``
+    prefers only the vLLM decode from B=8 over >= 8K-key tables."""
+    from tq4jax.pallas_mosaic import tuning
+    want = {(1, 8, 32768): 64, (8, 8, 32768): 16, (8, 8, 8192): 16, (32, 8, 8192): 4,
+            (8, 8, 1024): 2, (1, 1, 100): 1, (512, 8, 32768): 1}
+    for (b, h, keys), splits in want.items():
+        assert tuning.choose_config(b, h, keys) == MosaicConfig(splits, 2), (b, h, keys)
+    assert tuning.prefer("vllm_decode", 8, 8192) and tuning.prefer("vllm_decode", 32, 32768)
+    assert not tuning.prefer("vllm_decode", 4, 32768)
+    assert not tuning.prefer("vllm_decode", 8, 4096)
+    assert not tuning.prefer("paged_decode", 32, 32768)
+
+
+def test_auto_dispatches_vllm_decode_to_mosaic_on_hopper(monkeypatch):
+    """With an sm_90 GPU (simulated), ``impl="auto"`` routes turboquant_decode to the Mosaic
+    kernel at B=8 over a 8K-key table, and to the Triton-lowered one at B=4, on an sm_80 GPU,
+    with a Triton DecodeConfig, or for a layout the Mosaic kernel does not serve (traced with
+    jax.eval_shape: no kernel runs)."""
+    from tq4jax import backend
+    from tq4jax.pallas_triton.tuning import DecodeConfig
+
+    class Chosen(Exception):
+        pass
+
+    def fake_decode(*args, **kwargs):
+        raise Chosen
+
+    cc = [(9, 0)]
+    monkeypatch.setattr(backend, "on_gpu", lambda: True)
+    monkeypatch.setattr(backend, "compute_capability", lambda: cc[0])
+    monkeypatch.setattr(tq.pallas_mosaic.vllm, "decode", fake_decode)
+    pi = tq.hadamard_rotation(D, seed=1)
+    s = jax.ShapeDtypeStruct
+
+    def run(name, b, blocks, **kw):
+        pr = tq.vllm.preset(name, D)
+        cb = tq.lloyd_max(D, pr.mse_bits)[0]
+        return jax.eval_shape(lambda q, cache, bt, n: tq.vllm.turboquant_decode(
+            q, cache, bt, n, pi, cb, D ** -0.5, **pr.decode_kwargs(), **kw),
+            s((b, 32, D), jnp.float16), s(pr.cache_shape(64, 16, 8), jnp.uint8),
+            s((b, blocks), jnp.int32), s((b,), jnp.int32))
+
+    for name in ("turboquant_4bit_nc", "turboquant_k8v4"):
+        with pytest.raises(Chosen):
+            run(name, 8, 512)
+    assert run("turboquant_4bit_nc", 4, 512).shape == (4, 32, D)
+    assert run("turboquant_4bit_nc", 8, 256).shape == (8, 32, D)
+    assert run("turboquant_4bit_nc", 8, 512, config=DecodeConfig()).shape == (8, 32, D)
+    assert run("turboquant_k3v4_nc", 8, 512).shape == (8, 32, D)
+    cc[0] = (8, 0)
+    assert run("turboquant_4bit_nc", 8, 512).shape == (8, 32, D)
+
+
+@pytest.mark.gpu
+def test_auto_runs_the_mosaic_vllm_decode_on_hopper(rng):
+    """On an sm_90+ GPU, ``impl="auto"`` at B=8 over an 8K-key table is the Mosaic kernel
+    (bitwise equal to ``impl="mosaic"``) and matches the reference (ragged lengths 0..8192)."""
+    if (tq.backend.compute_capability() or (0, 0)) < (9, 0):
+        pytest.skip("needs an sm_90+ GPU")
+    from test_vllm import write_sequences
+    pr = tq.vllm.preset("turboquant_k8v4", D)
+    c, _ = tq.lloyd_max(D, 4)
+    pi = tq.hadamard_rotation(D, seed=4)
+    lens = [0, 1, 300, 8192, 17, 64, 1000, 2049]
+    cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, 16, pi, c, "pallas")
+    assert bt.shape[1] * 16 >= 8192
+    q = jnp.asarray(rng.standard_normal((8, 32, D)), jnp.float16)
+    args = (q, cache, bt, np.asarray(lens, np.int32), pi, c, D ** -0.5)
+    got = {impl: np.asarray(tq.vllm.turboquant_decode(*args, **pr.decode_kwargs(), impl=impl),
+                            np.float32) for impl in ("auto", "mosaic", "reference")}
+    np.testing.assert_array_equal(got["auto"], got["mosaic"])
+    np.testing.assert_array_equal(got["auto"][0], 0.0)
+    assert rel_l2(got["auto"][1:], got["reference"][1:]) < 1e-2

@@ -8,9 +8,11 @@
   GPU the Triton-lowered kernel in interpret mode.
 * ``"triton"``: the Pallas kernels lowered through Triton (``tq4jax.pallas_triton``): every op,
   any CUDA GPU; the portable path.
-* ``"mosaic"``: the Pallas Mosaic GPU kernels (``tq4jax.pallas_mosaic``, experimental): decode
-  on Hopper (sm_90+) where it has a kernel; a ValueError for an op, shape or GPU it does not
-  serve. Without a GPU it runs in GPU interpret mode.
+* ``"mosaic"``: the Pallas Mosaic GPU kernels (``tq4jax.pallas_mosaic``): decode on Hopper
+  (sm_90+) where it has a kernel; a ValueError for an op, shape or GPU it does not serve.
+  Without a GPU it runs in GPU interpret mode. ``auto``/``pallas`` take it where
+  ``tq4jax.pallas_mosaic.tuning.AUTO_MOSAIC`` records it measured faster (the vLLM-layout
+  decode at B >= 8 over >= 8K-key caches on an H200).
 * ``"reference"``: the pure ``jax.numpy`` path (same math, float32 accumulation).
 
 Environment: ``TQ4JAX_INTERPRET=1|0`` overrides whether Triton-lowered kernels run in

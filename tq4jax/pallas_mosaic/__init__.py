@@ -8,18 +8,22 @@
 * :mod:`.vllm`: ``tq.vllm.turboquant_decode`` with 4-bit or fp8 keys and 4-bit values
   (vLLM's ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
 * :mod:`.tiles`: what they share (the loop over a split's key tiles, scratch, query packing,
-  split merge).
+  split merge); :mod:`.tuning`: the split rule and where ``auto`` takes these kernels.
 
-Chosen only by ``impl="mosaic"``: it is correct on an H200 but not yet faster than the
-Triton-lowered kernels (bench/RESULTS.md), so ``auto`` keeps those. Without a GPU the kernels
+``impl="auto"`` takes the vLLM-layout kernel where it was measured faster than the
+Triton-lowered one (:mod:`.tuning`: B >= 8 sequences over caches of >= 8K keys on an H200,
+1.13-1.66x); the contiguous and paged kernels are correct on an H200 but slower there (0.79-0.90x
+at their tuned splits), so they run only with ``impl="mosaic"``. Without a GPU the kernels
 run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the CPU. API
-differences between jax versions live in :mod:`.compat`.
+differences between jax versions live in :mod:`.compat`; split counts and the ``auto`` rule
+are data in :mod:`.tuning`.
 """
 
 from .decode import decode, supported
 from .paged import paged_decode
 from .paged import supported as paged_supported
 from .tiles import MosaicConfig
-from . import vllm
+from . import tuning, vllm
 
-__all__ = ["MosaicConfig", "decode", "paged_decode", "paged_supported", "supported", "vllm"]
+__all__ = ["MosaicConfig", "decode", "paged_decode", "paged_supported", "supported",
+           "tuning", "vllm"]

@@ -26,6 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .tiles import (D, NQ, ROWS, T, MosaicConfig, Ops, Ring, attend_split, code_ring,
                     launch_params, merge_output, pack_query, prmt_planes, query_scratch,
                     split_chunk)
+from .tuning import choose_config
 
 
 def supported(head_dim: int, group: int, sq: int, sk: int) -> bool:
@@ -103,7 +104,8 @@ def decode(q_rot: jax.Array, k_codes: jax.Array, k_norms: jax.Array, v_codes: ja
     Returns:
       float32 [B, H_KV, G, D] in rotated space.
     """
+    config = config or choose_config(q_rot.shape[0], q_rot.shape[1], k_codes.shape[2])
     return _decode(q_rot, k_codes, k_norms.astype(jnp.float32), v_codes,
                    v_norms.astype(jnp.float32), k_centroids, v_centroids, lens,
-                   scale=float(scale), config=config or MosaicConfig(), interpret=interpret,
+                   scale=float(scale), config=config, interpret=interpret,
                    k_planes=prmt_planes(raw_k), v_planes=prmt_planes(raw_v))

@@ -32,6 +32,7 @@ from ..layout import NORM_BYTES, PagedLayout, paged_layout
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, MosaicConfig, Ops, Ring, aligned_box,
                     attend_split, box_width, code_ring, launch_params, merge_output, pack_query,
                     code_swizzle, page_issuer, prmt_planes, query_scratch, split_chunk)
+from .tuning import choose_config
 
 #: Bytes of the norm window copied per key row (TMA's smallest box row).
 WINDOW = 16
@@ -153,7 +154,9 @@ def paged_decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array,
     Returns:
       float32 [S, H_KV, G, D] in rotated space.
     """
+    config = config or choose_config(q_rot.shape[0], q_rot.shape[1],
+                                     block_table.shape[1] * int(block_size))
     return _paged(q_rot, kv_cache, block_table, lens, k_centroids, v_centroids,
-                  scale=float(scale), config=config or MosaicConfig(), interpret=interpret,
+                  scale=float(scale), config=config, interpret=interpret,
                   k_planes=prmt_planes(raw_k), v_planes=prmt_planes(raw_v),
                   block_size=int(block_size))

@@ -44,6 +44,7 @@ from ..layout import VllmSlot
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, Format, MosaicConfig, Ops, Ring, aligned_box,
                     attend_split, box_width, launch_params, merge_output, pack_query,
                     page_issuer, prmt_planes, query_scratch, split_chunk)
+from .tuning import choose_config
 
 #: Value levels 0..15 stored centred (antisymmetric, so the prmt lookup serves them).
 VALUE_OFFSET = 7.5
@@ -158,6 +159,8 @@ def decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array, lens: 
     Returns:
       float32 [S, H_KV, G, D] (values are not rotated: no post-rotation).
     """
+    config = config or choose_config(q_rot.shape[0], q_rot.shape[1],
+                                     block_table.shape[1] * kv_cache.shape[1])
     return _decode(q_rot, kv_cache, block_table, lens, centroids, scale=float(scale), lay=lay,
-                   nc=bool(norm_correction), config=config or MosaicConfig(),
-                   interpret=interpret, k_planes=prmt_planes(raw_centroids))
+                   nc=bool(norm_correction), config=config, interpret=interpret,
+                   k_planes=prmt_planes(raw_centroids))

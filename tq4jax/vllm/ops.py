@@ -99,12 +99,14 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         logit_soft_cap: logits -> ``cap * tanh(logits / cap)`` (Gemma; static float).
         sinks: [H_Q] float per-head sink logits joining the softmax denominator.
         config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`), or a
-        :class:`~tq4jax.pallas_mosaic.MosaicConfig` with ``impl="mosaic"`` (whose splits
-        replace ``max_num_kv_splits``).
-      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper, experimental) serves D=128 with
-        4-bit or fp8 keys and 4-bit values (``turboquant_4bit_nc``, ``turboquant_k8v4``),
-        fp16 queries, block_size 8/16/32/64, H_KV * slot a multiple of 16 bytes (8 KV heads
-        at D=128), no window, soft cap or sinks.
+        :class:`~tq4jax.pallas_mosaic.MosaicConfig` for the Mosaic backend (whose splits
+        replace ``max_num_kv_splits``; None: :mod:`tq4jax.pallas_mosaic.tuning`'s rule).
+      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper) serves D=128 with 4-bit or fp8 keys
+        and 4-bit values (``turboquant_4bit_nc``, ``turboquant_k8v4``), fp16 queries,
+        block_size 8/16/32/64, H_KV * slot a multiple of 16 bytes (8 KV heads at D=128), no
+        window, soft cap or sinks; ``"auto"`` takes it there on an sm_90+ GPU for B >= 8 over
+        a table of >= 8K keys (measured faster, :mod:`tq4jax.pallas_mosaic.tuning`) unless
+        ``config`` is a Triton ``DecodeConfig``.
     Returns:
       [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
       are never read; block ids are clamped into the cache; length 0 gives zeros.
@@ -120,7 +122,10 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     mosaic_ok = (window is None and softcap is None and sinks is None
                  and query.dtype == jnp.float16  # the kernel's fp16 query tiles
                  and mosaic.vllm.supported(lay, hq // hkv, bs, hkv))
-    path = resolve_impl(impl, mosaic=mosaic_ok)
+    capacity = block_table.shape[1] * bs
+    prefer = (not isinstance(config, DecodeConfig)  # a Triton config asks for that backend
+              and mosaic.tuning.prefer("vllm_decode", b, capacity))
+    path = resolve_impl(impl, mosaic=mosaic_ok, prefer_mosaic=prefer)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else DecodeConfig,
                           path, "turboquant_decode")
     if path == "reference":
@@ -129,7 +134,7 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
     if path == "mosaic":
         q_rot = (query.astype(jnp.float32) if lay.key_fp8 else
                  rotate_in_xla(query, rotation, jnp.float32)).reshape(b, hkv, hq // hkv, d)
-        lens = jnp.clip(seq_lens, 0, block_table.shape[1] * bs)
+        lens = jnp.clip(seq_lens, 0, capacity)
         out = mosaic.vllm.decode(q_rot, kv_cache, block_table, lens, pad_codebook(centroids),
                                  scale, lay=lay, norm_correction=nc,
                                  raw_centroids=raw_centroids, config=config,
