@@ -1,4 +1,4 @@
-"""Kernel backend 2 (experimental): Pallas Mosaic GPU kernels for Hopper decode.
+"""Kernel backend 2: Pallas Mosaic GPU kernels for Hopper decode.
 
 * :mod:`.decode`: contiguous TQ4 decode (``flash_attention_tq4_kv`` with one query per
   sequence, D = 128, no mask) - TMA rings, keys on the wgmma M side, in-register ``prmt``
