@@ -111,8 +111,9 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
     hkv, sk = (k[0] if compressed_k else k).shape[1:3]
     group = hq // hkv
     plain = mask is None and window is None and softcap is None and sinks is None
-    mosaic_ok = (compressed_k and compressed_v and plain
-                 and not (causal and offsets) and mosaic.supported(d, group, sq, sk))
+    mosaic_ok = (compressed_k and plain and not (causal and offsets)
+                 and (compressed_v or v.dtype == jnp.float16)  # dense V: fp16 tiles
+                 and mosaic.supported(d, group, sq, sk))
     path = resolve_impl(impl, mosaic=mosaic_ok)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else Config, path,
                           "attention")
@@ -125,10 +126,13 @@ def _run(q, k, v, rotation, mask, lens, *, causal: bool, scale: float, config,
     if path == "mosaic":
         kv_len = jnp.full((b,), sk, jnp.int32) if lens is None else jnp.clip(lens[:b], 0, sk)
         q_rot = rotate_in_xla(q, rotation, jnp.float32).reshape(b, hkv, group, d)
-        out = mosaic.decode(q_rot, k[0], k[1], v[0], v[1], pad_codebook(k[2]),
-                            pad_codebook(v[2]), kv_len, scale, raw_k=raw_k, raw_v=raw_v,
-                            config=config, interpret=kernel_mode().interpret)
-        return to_dtype(post_rotate(out, rotation).reshape(q.shape), q.dtype)
+        vc, vn, vt = (v[0], v[1], pad_codebook(v[2])) if compressed_v else (v, None, None)
+        out = mosaic.decode(q_rot, k[0], k[1], vc, vn, pad_codebook(k[2]), vt, kv_len, scale,
+                            raw_k=raw_k, raw_v=raw_v, config=config,
+                            interpret=kernel_mode().interpret)
+        if compressed_v:
+            out = post_rotate(out, rotation)
+        return to_dtype(out.reshape(q.shape), q.dtype)
     cfg = config or choose_config(b, hkv, group * sq, sk, d, compressed=compressed_k)
     in_kernel = rotate_in_kernel(d, group * sq)
     rot = None if rotation is None else rotation_parts(rotation, q.dtype)
@@ -167,7 +171,8 @@ _LENGTHS_DOC = """
         :func:`~tq4jax.pallas_triton.tuning.choose_config`), Mosaic
         :class:`tq4jax.pallas_mosaic.MosaicConfig`.
       impl: "auto" | "pallas" | "triton" | "mosaic" | "reference" (:mod:`tq4jax.backend`;
-        ``mosaic``: flash_attention_tq4_kv decode only, D=128, no mask).
+        ``mosaic``: flash_attention_tq4_kv and flash_attention_tq4 (fp16 V) decode only,
+        D=128, no mask).
     Returns:
       [B, H_Q, Sq, D] in q's dtype."""
 

@@ -56,12 +56,16 @@ class Format(NamedTuple):
     with per-row (scale, zero) instead of a norm, and ``q_parts=2`` (the query as an fp16
     hi/lo pair: four score products instead of two); ``fp8_keys`` (vLLM's k8v4: key rows are
     D float8 e4m3 bytes, unrotated and unscaled; the query is packed in its first and second
-    halves instead of even and odd coordinates)."""
+    halves instead of even and odd coordinates); ``dense_v`` (flash_attention_tq4: values
+    are fp16 tiles [T, D] in natural coordinate order that feed P@V from the TMA ring, no
+    decode; rows past the split's end are zeroed in shared memory first, so garbage there
+    cannot reach the output as 0 * inf)."""
     low_nibble_first: bool = False
     key_nc: bool = False
     value_offset: float | None = None
     q_parts: int = 1
     fp8_keys: bool = False  # keys as raw e4m3 bytes [T, D] (no norm), the query in halves
+    dense_v: bool = False  # values as fp16 tiles [T, D] (natural order; no norm, no decode)
 
 
 class Ops:
@@ -238,6 +242,12 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
                                               jnp.float8_e4m3fn).astype(jnp.float16)
                      for n in range(2))
 
+    def zero_rows_from(tile, n):
+        """Rows n.. of a dense V tile [T, D] fp16 in shared memory set to zero."""
+        x = ops.load(tile, WG)
+        tile[...] = jnp.where(ops.iota((T, D), 0) < n, x, jnp.zeros_like(x))
+        plgpu.commit_smem()
+
     def step(i, carry, vdec, p_smem):
         acc, m, l_rows, z_rows = carry
         slot = lax.rem(i, stages)
@@ -264,21 +274,28 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
         # cross-warp reduction per tile (the max) instead of two
         l_rows = l_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1]) + p
         v_codes, v_rows = v.tile(slot)
-        v_even, v_odd = halves(v_codes, tables[1], planes[1], v.swizzled)
-        v_mul = lax.broadcast_in_dim(v_rows[0], (T, NQ), [0])  # the norm, or the scale
-        vdec.at[:, pl.ds(0, DB)][...] = v_even
-        vdec.at[:, pl.ds(DB, DB)][...] = v_odd
-        p_smem[...] = jnp.where(valid, p * v_mul, 0.0).astype(jnp.float16)
+        if fmt.dense_v:
+            first = start + i * T
+            pl.when(first + T > end)(lambda: zero_rows_from(v_codes, end - first))
+            p_val, v_src = p, v_codes
+        else:
+            v_even, v_odd = halves(v_codes, tables[1], planes[1], v.swizzled)
+            p_val = p * lax.broadcast_in_dim(v_rows[0], (T, NQ), [0])  # the norm, or scale
+            vdec.at[:, pl.ds(0, DB)][...] = v_even
+            vdec.at[:, pl.ds(DB, DB)][...] = v_odd
+            v_src = vdec
+        p_smem[...] = jnp.where(valid, p_val, 0.0).astype(jnp.float16)
         plgpu.commit_smem()
         if fmt.value_offset is not None:  # sum_keys p * (zero + offset * scale), per row
             zero = lax.broadcast_in_dim(v_rows[1] + fmt.value_offset * v_rows[0], (T, NQ), [0])
             z_rows = (z_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1])
                       + jnp.where(valid, p * zero, 0.0))
-        acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), vdec, p_smem)
+        acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), v_src, p_smem)
         pl.when(i + stages < n_tiles)(lambda: issue(i + stages, slot))
         return acc, m_new, l_rows, z_rows
 
-    def loop(vdec, p_smem):
+    def loop(*bufs):
+        vdec, p_smem = bufs if len(bufs) == 2 else (None, bufs[0])
         rows = ops.full((T, NQ), 0.0, WG)
         carry = (ops.full((D, NQ), 0.0, WG), ops.full((NQ,), -jnp.inf, WG.reduce(0)), rows,
                  None if fmt.value_offset is None else rows)
@@ -288,8 +305,8 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
             acc = acc + lax.broadcast_in_dim(z_rows.sum(axis=0), (D, NQ), [1])
         return acc, m, l_rows.sum(axis=0)
 
-    acc, m, l = pl.run_scoped(loop, ops.smem((T, D), jnp.float16, 32),
-                              ops.smem((T, NQ), jnp.float16, 32))
+    bufs = [] if fmt.dense_v else [ops.smem((T, D), jnp.float16, 32)]  # decoded V
+    acc, m, l = pl.run_scoped(loop, *bufs, ops.smem((T, NQ), jnp.float16, 32))
 
     def epilogue(o_smem, lse_smem):
         o_smem[...] = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), (D, NQ), [1])
@@ -352,10 +369,13 @@ def pack_query(q_rot: jax.Array, scale: float, q_parts: int = 1,
     return jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, NQ - g), (0, 0)))
 
 
-def merge_output(o: jax.Array, lse: jax.Array, g: int) -> jax.Array:
-    """Split outputs o [B, H, S, D, NQ] (O^T, even then odd coordinates) and lse [B, H, S, NQ]
-    (base 2) -> float32 [B, H, g, D] in the original coordinate order."""
+def merge_output(o: jax.Array, lse: jax.Array, g: int, interleaved: bool = True) -> jax.Array:
+    """Split outputs o [B, H, S, D, NQ] (O^T; ``interleaved``: even then odd coordinates,
+    else natural order) and lse [B, H, S, NQ] (base 2) -> float32 [B, H, g, D] in the original
+    coordinate order."""
     out = merge_splits(jnp.swapaxes(o, 3, 4), lse * LN2, 2)[:, :, :g]  # [B, H, g, D]
+    if not interleaved:
+        return out
     return jnp.stack([out[..., :DB], out[..., DB:]], axis=-1).reshape(out.shape)
 
 
