@@ -1,5 +1,6 @@
-"""Decode kernels, one table: contiguous ``flash_attention_tq4_kv``, ``paged_decode`` (family A)
-and ``tq.vllm.turboquant_decode`` (4bit_nc, k8v4) per kernel backend, the original paged decode
+"""Decode kernels, one table: contiguous ``flash_attention_tq4_kv`` and ``flash_attention_tq4``
+(dense V), ``paged_decode`` (family A) and ``tq.vllm.turboquant_decode`` (4bit_nc, k8v4) per
+kernel backend, the original paged decode
 through jax-triton (when installed), beside torch SDPA fp16 on dense K/V (CUDA-graph replays,
 when torch is importable) and jax cuDNN attention on dense K/V; 32/8 heads, D=128, block 16.
 
@@ -98,6 +99,10 @@ def cases(b: int, ctx: int):
         "contiguous tq4_kv": (lambda impl, config=None: jax.jit(lambda q, kp, kn, vp, vn: (
             tq.flash_attention_tq4_kv(q[:, :, None], kp, kn, vp, vn, cent, rot, config=config,
                                       impl=impl)[:, :, 0])), (q, kp, kn, vp, vn), n * 136),
+        "contiguous tq4 (dense V)": (lambda impl, config=None: jax.jit(
+            lambda q, kp, kn, vd: tq.flash_attention_tq4(q[:, :, None], kp, kn, vd, cent, rot,
+                                                         config=config, impl=impl)[:, :, 0]),
+            (q, kp, kn, v.reshape(b, ctx, HKV, D).swapaxes(1, 2)), n * (68 + 2 * D)),
         "paged_decode": (lambda impl, config=None: jax.jit(lambda q, c, t, l: tq.paged_decode(
             q, c, t, l, cent, rot, **kw, config=config, impl=impl)),
             (q, cache, table, lens), n * 136),
