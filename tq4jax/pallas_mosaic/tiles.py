@@ -7,7 +7,8 @@ split merge.
 
 One warpgroup per CTA walks one (sequence, KV head, split) in tiles of T=64 keys. Code tiles
 [64, D/2] uint8 and norm vectors [64] f32 arrive in a ``stages``-deep shared-memory ring (one
-barrier per slot for K, one for V); the kernel's ``issue`` callback starts the copies. A code
+barrier per slot for K, one for V); the kernel's ``issue`` starts the copies (:class:`Issue`:
+paged caches read a tile's block ids one tile ahead). A code
 tile decodes in registers into its even and odd coordinates (:mod:`.lut`), and the tensor
 cores take the keys on their M side: ``S^T[64, NQ] = K_even @ Q_even^T + K_odd @ Q_odd^T``
 with the group's query heads padded to NQ=16 on N. Norms scale scores and probabilities,
@@ -192,34 +193,48 @@ def aligned_box(field: Any, width: int, row_width: int) -> tuple[Any, Any]:
     return start, field - start
 
 
+class Issue(NamedTuple):
+    """How a kernel starts tile i's copies: ``locate(i)`` -> what they need (a paged cache:
+    the tile's block ids, read from the block table in HBM), called one tile ahead of
+    ``copy(located, slot)``, which starts them into ring slot ``slot``: the table reads'
+    latency overlaps a tile's work instead of stalling the warpgroup before its copies.
+    ``locate`` must be safe for any i >= 0 (its result is unused past the split's tiles)."""
+    locate: Callable[[Any], Any]
+    copy: Callable[[Any, Any], None]
+
+
 def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: int,
-                cols: tuple) -> Callable[[Any, int], None]:
-    """``issue(i, slot)`` of a paged cache [num_blocks * block_size, row bytes] in HBM: tile i
-    of the split [start, end) is T / block_size pages; each page's block id is read from
+                cols: tuple) -> Issue:
+    """The :class:`Issue` of a paged cache [num_blocks * block_size, row bytes] in HBM: tile
+    i of the split [start, end) is T / block_size pages; each page's block id is read from
     ``bt_row`` (the sequence's block-table row in HBM; entries past the split's last block are
-    never read: the last valid one stands in, its rows masked by the length; ids are clamped
-    into the cache) and every ``(byte column, width, ring, barrier)`` of ``cols`` is copied
-    by TMA into its ring slot. Byte columns must be multiples of TMA_ALIGN
-    (:func:`aligned_box`)."""
-    def issue(i, slot):
+    never read, nor any past the row: the last valid one stands in, its rows masked by the
+    length; ids are clamped into the cache) and every ``(byte column, width, ring, barrier)``
+    of ``cols`` is copied by TMA into its ring slot. Byte columns must be multiples of
+    TMA_ALIGN (:func:`aligned_box`)."""
+    def locate(i):
         first = (start + i * T) // block_size
-        last = (end - 1) // block_size  # the sequence's last block in this split (i < tiles)
-        for j in range(T // block_size):
-            blk = jnp.clip(bt_row[jnp.minimum(first + j, last)], 0, num_blocks - 1)
+        # the sequence's last block in this split (0 for an empty split: read, never used)
+        last = jnp.clip((end - 1) // block_size, 0, bt_row.shape[0] - 1)
+        return tuple(jnp.clip(bt_row[jnp.minimum(first + j, last)], 0, num_blocks - 1)
+                     for j in range(T // block_size))
+
+    def copy(blocks, slot):
+        for j, blk in enumerate(blocks):
             rows, dst = pl.ds(blk * block_size, block_size), pl.ds(j * block_size, block_size)
             for col, width, buf, bar in cols:
                 plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
                                         buf.at[slot, dst], bar.at[slot])
-    return issue
+    return Issue(locate, copy)
 
 
-def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int], None],
+def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[Any, int], None],
                  k: Ring, v: Ring, q_hbm, q_smem, q_bar, kt_ref, vt_ref, planes: tuple,
                  o_ref, lse_ref, fmt: Format = Format()) -> None:
     """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
     split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
-    ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue(i, slot)`` starts tile i's copies into
-    ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
+    ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue``: an :class:`Issue`, or
+    ``issue(i, slot)`` that starts tile i's copies into ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
     coordinates per part, pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``:
     K and V codebooks [16] f32; ``planes``: their prmt tables (None: select lookups); ``fmt``:
     :class:`Format`. The loop's decoded-V and P tiles and the epilogue's output buffers are
@@ -228,8 +243,10 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
     plgpu.barrier_wait(q_bar)
     tables = [[ref[i].astype(jnp.float16) for i in range(16)] for ref in (kt_ref, vt_ref)]
     n_tiles = jnp.maximum(end - start + (T - 1), 0) // T
+    if not isinstance(issue, Issue):
+        issue = Issue(lambda i: jnp.asarray(i, jnp.int32), issue)
     for s in range(stages):
-        pl.when(s < n_tiles)(lambda s=s: issue(s, s))
+        pl.when(s < n_tiles)(lambda s=s: issue.copy(issue.locate(s), s))
 
     def halves(codes, table, lut, swizzled):
         """A code tile -> (even, odd coordinates) fp16 [T, DB] each."""
@@ -249,7 +266,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
         plgpu.commit_smem()
 
     def step(i, carry, vdec, p_smem):
-        acc, m, l_rows, z_rows = carry
+        acc, m, l_rows, z_rows, ahead = carry
         slot = lax.rem(i, stages)
         k_codes, k_rows = k.tile(slot)
         if fmt.fp8_keys:
@@ -291,15 +308,15 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Callable[[Any, int
             z_rows = (z_rows * lax.broadcast_in_dim(alpha, (T, NQ), [1])
                       + jnp.where(valid, p * zero, 0.0))
         acc = ops.pv(acc * lax.broadcast_in_dim(alpha, (D, NQ), [1]), v_src, p_smem)
-        pl.when(i + stages < n_tiles)(lambda: issue(i + stages, slot))
-        return acc, m_new, l_rows, z_rows
+        pl.when(i + stages < n_tiles)(lambda: issue.copy(ahead, slot))
+        return acc, m_new, l_rows, z_rows, issue.locate(i + stages + 1)
 
     def loop(*bufs):
         vdec, p_smem = bufs if len(bufs) == 2 else (None, bufs[0])
         rows = ops.full((T, NQ), 0.0, WG)
         carry = (ops.full((D, NQ), 0.0, WG), ops.full((NQ,), -jnp.inf, WG.reduce(0)), rows,
-                 None if fmt.value_offset is None else rows)
-        acc, m, l_rows, z_rows = lax.fori_loop(
+                 None if fmt.value_offset is None else rows, issue.locate(stages))
+        acc, m, l_rows, z_rows, _ = lax.fori_loop(
             0, n_tiles, lambda i, c: step(i, c, vdec, p_smem), carry)
         if z_rows is not None:
             acc = acc + lax.broadcast_in_dim(z_rows.sum(axis=0), (D, NQ), [1])
