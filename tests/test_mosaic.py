@@ -1,6 +1,7 @@
-"""The experimental Mosaic GPU backend (``impl="mosaic"``): contiguous TQ4 decode against the
-float64 oracle in GPU interpret mode on a CPU, lowering for sm_90 without a GPU, compiled on a
-Hopper GPU; and the shapes it refuses."""
+"""The Mosaic GPU backend (``impl="mosaic"``): contiguous, paged and vLLM-layout decode against
+float64 math, the reference and the Triton-lowered kernels in GPU interpret mode on a CPU,
+lowering for sm_90 without a GPU, compiled on a Hopper GPU; the shapes it refuses; the split
+rule and where ``impl="auto"`` takes it."""
 
 import jax
 import jax.numpy as jnp

@@ -145,9 +145,9 @@ def paged_decode(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, seq_
         :class:`~tq4jax.pallas_mosaic.MosaicConfig` with ``impl="mosaic"``.
       local_window_size, logit_soft_cap, sinks: sliding window (relative to each query's
         position), logit soft cap, per-head sink logits [H_Q], as :func:`tq4jax.flash_attention`.
-      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper, experimental) serves D=128, <= 16
-        query heads per KV head, block_size 8/16/32/64, rows a multiple of 16 bytes, no
-        window, soft cap or sinks.
+      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper) serves D=128, <= 16 query heads
+        per KV head, block_size 8/16/32/64, rows a multiple of 16 bytes, no window, soft cap
+        or sinks (``"auto"`` keeps the Triton-lowered kernel: faster on an H200).
     Returns:
       [S, H_Q, D] in q's dtype.
     """
