@@ -12,13 +12,14 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
-        [--ops paged_decode --splits 16 32 64 --stages 2 3]
+        [--ops paged_decode --splits 16 32 64 --stages 2 3 --prefetch 0 1]
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -128,7 +129,7 @@ SWEEP_OPS = ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4")
 
 
 def mosaic_sweep(b: int, ctx: int, ops=SWEEP_OPS, splits_list=(4, 8, 16, 32),
-                 stages_list=(2, 3, 4)) -> None:
+                 stages_list=(2, 3, 4), prefetch_list=(0,)) -> None:
     """Contiguous, paged and vLLM-layout decode on the Mosaic backend per MosaicConfig (KV
     splits x TMA ring depth), beside the Triton-lowered kernel's default in the same run."""
     from tq4jax.pallas_mosaic import MosaicConfig
@@ -136,16 +137,17 @@ def mosaic_sweep(b: int, ctx: int, ops=SWEEP_OPS, splits_list=(4, 8, 16, 32),
         run, args, nbytes = cases(b, ctx)[name]
         base = gpu_or_wall(run("triton"), *args)
         print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")
-        print("| splits | stages | GPU ms | GB/s | triton / mosaic |\n|---|---|---|---|---|")
-        for splits in splits_list:
-            for stages in stages_list:
-                try:
-                    ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages)), *args)
-                except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
-                    print(f"| {splits} | {stages} | - | - | {type(e).__name__}: {str(e)[:60]} |")
-                    continue
-                print(f"| {splits} | {stages} | {ms:.4f} | {nbytes / (ms * 1e-3) / 1e9:.0f} | "
-                      f"{base / ms:.2f}x |", flush=True)
+        print("| splits | stages | prefetch | GPU ms | GB/s | triton / mosaic |")
+        print("|---|---|---|---|---|---|")
+        for splits, stages, pre in itertools.product(splits_list, stages_list, prefetch_list):
+            row = f"| {splits} | {stages} | {pre} |"
+            try:
+                ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages, bool(pre))), *args)
+            except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
+                print(f"{row} - | - | {type(e).__name__}: {str(e)[:60]} |")
+                continue
+            print(f"{row} {ms:.4f} | {nbytes / (ms * 1e-3) / 1e9:.0f} | {base / ms:.2f}x |",
+                  flush=True)
 
 
 def epilogue_table(batches, contexts) -> None:
@@ -178,6 +180,8 @@ def main() -> None:
                     help="KV splits of the sweep")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4],
                     help="TMA ring depths of the sweep")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[0],
+                    help="block ids one tile ahead in the sweep (0, 1: MosaicConfig.prefetch)")
     ap.add_argument("--epilogue", action="store_true",
                     help="only compare the XLA and the fused split-merge epilogue")
     a = ap.parse_args()
@@ -189,7 +193,7 @@ def main() -> None:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")
         for b in a.batch:
             for ctx in a.ctx:
-                mosaic_sweep(b, ctx, a.ops, a.splits, a.stages)
+                mosaic_sweep(b, ctx, a.ops, a.splits, a.stages, a.prefetch)
         return
     on_gpu = jax.default_backend() == "gpu"
     copy = copy_bandwidth_gbs() if on_gpu else float("nan")

@@ -135,15 +135,16 @@ def test_model_decode_step_on_each_backend(rng):
 
 
 @pytest.mark.parametrize("bs,cfg,hkv", [(8, MosaicConfig(2, 2), 2), (16, MosaicConfig(3, 3), 4),
-                                        (32, MosaicConfig(1, 2), 2), (16, MosaicConfig(2, 2), 8)],
-                         ids=str)
+                                        (32, MosaicConfig(1, 2), 2), (16, MosaicConfig(2, 2), 8),
+                                        (32, MosaicConfig(1, 2, True), 2)], ids=str)
 def test_paged_decode_matches_reference(rng, bs, cfg, hkv):
     """paged_decode on the Mosaic backend against the reference path and the Triton-lowered
     kernel (relative L2 < 1e-2; fp16 kernels): lengths 0, 1, a block boundary, a tile tail and
     several tiles over shuffled blocks with holes, garbage entries past each sequence's blocks
     (never followed: interpret mode raises on a read past the cache), a 3-bit V codebook, 4
     query heads per KV head; 2 KV heads (V codes off the 16-byte TMA grid: wider boxes), 4
-    (K code tiles swizzled by 32 bytes, V plain) and 8 (K by 64, V by 32)."""
+    (K code tiles swizzled by 32 bytes, V plain) and 8 (K by 64, V by 32); block ids read as
+    the copies start, or one tile ahead (``prefetch``: one split of 4 tiles)."""
     from test_paged import _setup
     lens = [0, 1, bs, 64 + 7, 3 * 64 + bs + 3]
     t = _setup(rng, lens, 4 * hkv, hkv, D, bs, jnp.float16, v_bits=3)
@@ -262,18 +263,19 @@ def test_paged_decode_compiled_on_hopper(rng):
     ("turboquant_4bit_nc", 16, MosaicConfig(2, 2), True),
     ("turboquant_4bit_nc", 8, MosaicConfig(3, 3), True),
     ("turboquant_4bit_nc", 32, MosaicConfig(1, 2), False),
-    ("turboquant_k8v4", 16, MosaicConfig(2, 2), False)], ids=str)
+    ("turboquant_k8v4", 16, MosaicConfig(2, 2), False),
+    ("turboquant_4bit_nc", 16, MosaicConfig(1, 2, True), True)], ids=str)
 def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
     """tq.vllm.turboquant_decode (4-bit or fp8 keys, 4-bit values, 8 KV heads: rows of 1072 or
     1568 bytes) on the Mosaic backend against the reference path (relative Linf < 2e-3, as the
     Triton kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a
-    tile tail and several tiles, garbage past each sequence's blocks, norm correction on and
-    off."""
+    tile tail and several tiles (one split of 5 with ``prefetch``), garbage past each
+    sequence's blocks, norm correction on and off."""
     from test_vllm import write_sequences
     pr = tq.vllm.preset(name, D)
     c, _ = tq.lloyd_max(D, 4)
     pi = tq.hadamard_rotation(D, seed=int(rng.integers(1000)))
-    lens = [0, 1, bs, 64 + 7, 2 * 64 + bs + 3]
+    lens = [0, 1, bs, 64 + 7, (4 if cfg.prefetch else 2) * 64 + bs + 3]
     cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, bs, pi, c, "reference")
     for i, n in enumerate(lens):
         bt[i, -(-n // bs):] = rng.integers(1 << 20, 1 << 30)  # never followed

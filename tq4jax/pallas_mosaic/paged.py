@@ -71,7 +71,8 @@ def ring_swizzles(lay: PagedLayout, row_width: int) -> tuple:
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
-            chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
+            chunk: int, stages: int, prefetch: bool, planes: tuple, block_size: int,
+            num_blocks: int,
             lay: PagedLayout, swizzles: tuple, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
@@ -87,7 +88,7 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     cols = ((k_col, DB, kc, k_bar), (kn_col, WINDOW, kn[0], k_bar),
             (v_col, vc.shape[-1], vc, v_bar), (vn_col, WINDOW, vn[0], v_bar))
     issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
-                        num_blocks=num_blocks, cols=cols)
+                        num_blocks=num_blocks, cols=cols, prefetch=prefetch)
     v_plain = v_aligned(lay)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
                  k=Ring(kc, lambda slot: (ops.window_field(kn, slot, k_field),), k_bar,
@@ -114,6 +115,7 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row
         k_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=arrivals, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
+                     prefetch=cfg.prefetch,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
                      swizzles=swz)
     return plgpu.kernel(

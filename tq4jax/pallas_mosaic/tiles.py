@@ -44,9 +44,11 @@ TMA_ALIGN = 16
 
 
 class MosaicConfig(NamedTuple):
-    """KV splits per (sequence, KV head) and depth of the TMA ring."""
+    """KV splits per (sequence, KV head), depth of the TMA ring, and whether the paged
+    kernels read a tile's block ids one tile ahead (:class:`Issue`; off until timed)."""
     num_splits: int = 16
     stages: int = 2
+    prefetch: bool = False
 
 
 class Format(NamedTuple):
@@ -204,8 +206,9 @@ class Issue(NamedTuple):
 
 
 def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: int,
-                cols: tuple) -> Issue:
-    """The :class:`Issue` of a paged cache [num_blocks * block_size, row bytes] in HBM: tile
+                cols: tuple, prefetch: bool = False) -> Issue | Callable[[Any, int], None]:
+    """The :class:`Issue` (``prefetch``; else ``issue(i, slot)``, the ids read as the
+    copies start) of a paged cache [num_blocks * block_size, row bytes] in HBM: tile
     i of the split [start, end) is T / block_size pages; each page's block id is read from
     ``bt_row`` (the sequence's block-table row in HBM; entries past the split's last block are
     never read, nor any past the row: the last valid one stands in, its rows masked by the
@@ -225,7 +228,7 @@ def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: i
             for col, width, buf, bar in cols:
                 plgpu.copy_gmem_to_smem(cache_hbm.at[rows, pl.ds(col, width)],
                                         buf.at[slot, dst], bar.at[slot])
-    return Issue(locate, copy)
+    return Issue(locate, copy) if prefetch else (lambda i, slot: copy(locate(i), slot))
 
 
 def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[Any, int], None],

@@ -21,6 +21,9 @@ MIN_SPLIT_KEYS = 512
 MAX_SPLITS = 64
 #: TMA ring depth (deeper rings lost at B=8: more shared memory, fewer CTAs per SM).
 STAGES = 2
+#: Block ids one tile ahead in the paged kernels (``MosaicConfig.prefetch``): off until timed
+#: (``bench/decode.py --mosaic-sweep --prefetch 0 1``).
+PREFETCH = False
 
 #: Ops whose Mosaic kernel ``impl="auto"`` prefers, with the smallest batch (sequences) and
 #: cache capacity (keys per sequence) where it was measured faster than the Triton-lowered
@@ -35,7 +38,7 @@ def choose_config(batch: int, num_kv_heads: int, keys: int) -> MosaicConfig:
     ``keys`` positions per sequence (its static capacity)."""
     splits = min(TARGET_CTAS // max(batch * num_kv_heads, 1), keys // MIN_SPLIT_KEYS,
                  MAX_SPLITS)
-    return MosaicConfig(max(splits, 1), STAGES)
+    return MosaicConfig(max(splits, 1), STAGES, PREFETCH)
 
 
 def prefer(op: str, batch: int, keys: int) -> bool:

@@ -71,7 +71,8 @@ def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> 
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
-            chunk: int, stages: int, planes: tuple, block_size: int, num_blocks: int,
+            chunk: int, stages: int, prefetch: bool, planes: tuple, block_size: int,
+            num_blocks: int,
             lay: VllmSlot, fmt: Format, kb, vb, q_smem, q_bar, k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 4, NQ, DB] f16 (hi and lo parts);
@@ -85,7 +86,8 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     kw, vw = kb[0].shape[-1], vb[0].shape[-1]
     issue = page_issuer(cache_hbm, bt_ref.at[b], start=start, end=end, block_size=block_size,
                         num_blocks=num_blocks,
-                        cols=((k_col, kw, kb[0], k_bar), (v_col, vw, vb[0], v_bar)))
+                        cols=((k_col, kw, kb[0], k_bar), (v_col, vw, vb[0], v_bar)),
+                        prefetch=prefetch)
 
     def field(box, byte, slot):  # an fp16 field at a byte offset (even) of the box
         return ops.window_field(box, slot, byte // 2, jnp.float16)
@@ -115,6 +117,7 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
         k_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st))
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
+                     prefetch=cfg.prefetch,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
                      fmt=fmt)
     return plgpu.kernel(
