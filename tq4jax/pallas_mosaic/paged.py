@@ -72,8 +72,8 @@ def ring_swizzles(lay: PagedLayout, row_width: int) -> tuple:
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, prefetch: bool, planes: tuple, block_size: int,
-            num_blocks: int,
-            lay: PagedLayout, swizzles: tuple, q_smem, kc, kn, vc, vn, q_bar, k_bar, v_bar):
+            num_blocks: int, lay: PagedLayout, swizzles: tuple, q_smem, kc, kn, vc, vn, q_bar,
+            k_bar, v_bar):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 2, NQ, DB] f16; K/V tables [16] f32;
     cache [num_blocks * block_size, row_width] u8 in HBM; outputs o [S, H, S_, D, NQ] f32 and

@@ -8,9 +8,9 @@ split merge.
 One warpgroup per CTA walks one (sequence, KV head, split) in tiles of T=64 keys. Code tiles
 [64, D/2] uint8 and norm vectors [64] f32 arrive in a ``stages``-deep shared-memory ring (one
 barrier per slot for K, one for V); the kernel's ``issue`` starts the copies (:class:`Issue`:
-paged caches read a tile's block ids one tile ahead). A code
-tile decodes in registers into its even and odd coordinates (:mod:`.lut`), and the tensor
-cores take the keys on their M side: ``S^T[64, NQ] = K_even @ Q_even^T + K_odd @ Q_odd^T``
+paged caches may read a tile's block ids one tile ahead). A code tile decodes in registers
+into its even and odd coordinates (:mod:`.lut`), and the tensor cores take the keys on their
+M side: ``S^T[64, NQ] = K_even @ Q_even^T + K_odd @ Q_odd^T``
 with the group's query heads padded to NQ=16 on N. Norms scale scores and probabilities,
 never decoded elements; the online softmax runs along the key axis (axis 0).
 ``O^T[D, NQ] += V_dec^T @ P^T`` with decoded V [64, D] and P^T through shared memory. Each
@@ -237,7 +237,8 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
     """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
     split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
     ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue``: an :class:`Issue`, or
-    ``issue(i, slot)`` that starts tile i's copies into ring slot ``slot`` of ``k`` and ``v``; ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
+    ``issue(i, slot)`` that starts tile i's copies into ring slot ``slot`` of ``k`` and ``v``;
+    ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
     coordinates per part, pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``:
     K and V codebooks [16] f32; ``planes``: their prmt tables (None: select lookups); ``fmt``:
     :class:`Format`. The loop's decoded-V and P tiles and the epilogue's output buffers are
@@ -266,7 +267,6 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
         """Rows n.. of a dense V tile [T, D] fp16 in shared memory set to zero."""
         x = ops.load(tile, WG)
         tile[...] = jnp.where(ops.iota((T, D), 0) < n, x, jnp.zeros_like(x))
-        plgpu.commit_smem()
 
     def step(i, carry, vdec, p_smem):
         acc, m, l_rows, z_rows, ahead = carry

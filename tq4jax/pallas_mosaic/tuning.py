@@ -3,10 +3,13 @@ takes a Mosaic kernel instead of the Triton-lowered one.
 
 Measured on an NVIDIA H200 with jax 0.11.2 on 2026-12-04 (bench/RESULTS.md, "Mosaic
 configuration sweep"): ``python3 bench/decode.py --mosaic-sweep`` at B=1 (32K), B=8 (8K, 32K)
-and B=32 (8K), 32 query / 8 KV heads, D=128, block 16. One warpgroup per CTA walks its split
-serially, so the kernels are bound by latency per CTA: the best split counts gave every
+and B=32 (8K), 32 query / 8 KV heads, D=128, block 16. The best split counts gave every
 shape 256-1024 CTAs (B=1: 32-64 splits, 0.082 -> 0.049 ms for the paged decode at 32K; B=8:
-16; B=32: 4) with at least 512 keys per split. Every op takes ``config=`` to override this.
+16; B=32: 4) with at least 512 keys per split: enough CTAs to fill every SM, few enough that
+the split merge and per-split setup stay small. Once the SMs are full, the time per tile per
+SM no longer changes with the CTAs resident (B=8: 8 or 16 splits, about 1.1 us per 64-key
+tile): the kernels are then bound by instruction throughput, not by latency or bytes. Every
+op takes ``config=`` to override this.
 """
 
 from __future__ import annotations
