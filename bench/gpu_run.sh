@@ -2,8 +2,8 @@
 # The GPU jobs in one device call, from the repo root of the GPU machine:
 #   bash bench/gpu_run.sh                       # suite without the fuzz modules (seed 0), in parallel
 #   SEEDS="11 22 33" bash bench/gpu_run.sh      # suite without the fuzz modules, three seeds
-#   TESTS=tests SEEDS="1 2 3" bash bench/gpu_run.sh  # whole suite with the fuzz modules (an H200:
-#                                               # 559 s cold, 457 s for the next seed: one call each)
+#   TESTS=tests SEEDS=5 bash bench/gpu_run.sh   # whole suite with the fuzz modules (an H200:
+#                                               # 446 s cold, 246 s for the next seed: a call each)
 #   STAGES="tests fuzz soak memcheck bench" BENCHES="paged generate" bash bench/gpu_run.sh
 # Stages (default "tests"):
 #   tests     python -m pytest over $TESTS (default tests/ without the fuzz modules, which the
@@ -37,14 +37,14 @@ for stage in $STAGES; do
       for seed in $SEEDS; do
         note "tests seed $seed"
         XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_TEST_SEED=$seed timeout ${TEST_TIMEOUT:-540} \
-          python3 -m pytest -v -rfs -n "$WORKERS" --durations=10 ${TESTS:-tests --ignore-glob=tests/test_fuzz_*.py} \
+          python3 -m pytest -v -rfs -n "$WORKERS" --maxschedchunk 1 --durations=10 ${TESTS:-tests --ignore-glob=tests/test_fuzz_*.py} \
           > "$OUT/tests_seed$seed.log" 2>&1 || status=1
         grep -E "FAILED|ERROR|passed|failed" "$OUT/tests_seed$seed.log" | tail -15  # -v: per test
       done ;;
     fuzz)
       note "fuzz"
       XLA_PYTHON_CLIENT_PREALLOCATE=false TQ4JAX_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-8} \
-        timeout ${FUZZ_TIMEOUT:-540} python3 -m pytest -v -rfs -n "$WORKERS" \
+        timeout ${FUZZ_TIMEOUT:-540} python3 -m pytest -v -rfs -n "$WORKERS" --maxschedchunk 1 \
         tests/test_fuzz_*.py > "$OUT/fuzz.log" 2>&1 || status=1
       grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/fuzz.log" | tail -15 ;;
     soak)

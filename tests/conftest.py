@@ -55,14 +55,25 @@ def pytest_report_header(config):
 
 
 #: Modules whose tests run longest on a GPU (each fuzz example and each original compiles new
-#: kernels): collected first, so pytest-xdist's round-robin first batch gives each its own
-#: worker instead of queueing them behind the rest (an H200, seed 3: three fuzz tests left
-#: unfinished after 430 s on one worker).
+#: kernels). pytest-xdist hands each worker a first batch of consecutive tests (at least 2;
+#: exactly 2 with ``--maxschedchunk 1``, as bench/gpu_run.sh runs it), so these are collected
+#: first and interleaved one-to-one with the others: every worker starts on one slow test
+#: instead of queueing several (an H200, seed 4: four fuzz tests ran one after another on one
+#: worker and the last was still running when the 570 s call ended).
 SLOW_FIRST = ("test_fuzz_", "test_originals")
 
 
+def slow_first(items: list) -> list:
+    """``items`` reordered: slow and other tests alternating while both last, then the rest."""
+    slow = [item for item in items if item.path.name.startswith(SLOW_FIRST)]
+    rest = [item for item in items if not item.path.name.startswith(SLOW_FIRST)]
+    paired = [x for pair in zip(slow, rest) for x in pair]
+    n = min(len(slow), len(rest))
+    return paired + slow[n:] + rest[n:]
+
+
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not item.path.name.startswith(SLOW_FIRST))  # stable
+    items[:] = slow_first(items)
     if ON_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

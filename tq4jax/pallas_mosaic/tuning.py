@@ -24,8 +24,9 @@ MIN_SPLIT_KEYS = 512
 MAX_SPLITS = 64
 #: TMA ring depth (deeper rings lost at B=8: more shared memory, fewer CTAs per SM).
 STAGES = 2
-#: Block ids one tile ahead in the paged kernels (``MosaicConfig.prefetch``): off until timed
-#: (``bench/decode.py --mosaic-sweep --prefetch 0 1``).
+#: Block ids one tile ahead in the paged kernels (``MosaicConfig.prefetch``): off, it did not
+#: win (an H200, 32K context, 16 splits: paged B=8 0.2905 -> 0.2989 ms, the vLLM and B=1 rows
+#: within 1%; ``bench/decode.py --mosaic-sweep --prefetch 0 1``, bench/RESULTS.md).
 PREFETCH = False
 
 #: Ops whose Mosaic kernel ``impl="auto"`` prefers, with the smallest batch (sequences) and
