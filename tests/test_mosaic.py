@@ -207,12 +207,12 @@ def test_tma_boxes_start_at_aligned_columns(hkv):
             assert vc + vo == lay.v_codes + h * mp.DB and vo + mp.DB <= vw and vc + vw <= row
             assert kn + 4 * kf == lay.k_norms + NORM_BYTES * h and kn + mp.WINDOW <= row
             assert vn + 4 * vf == lay.v_norms + NORM_BYTES * h and vn + mp.WINDOW <= row
-    for name in ("turboquant_4bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc"):
+    for name in tq.vllm.PRESETS:
         pr = tq.vllm.preset(name, D)
         sl = tq.vllm.vllm_slot(D, pr.mse_bits, pr.value_quant_bits, None, pr.key_fp8)
         row = hkv * sl.slot_bytes
         if not mv.supported(sl, 1, 16, hkv):
-            assert row % 16 or sl.mse_bits == 3, (name, hkv)
+            assert row % 16, (name, hkv)
             continue
         kw, vw = mv.box_width(sl.key_bytes), mv.box_width(sl.value_bytes + 4)
         for h in range(hkv):
@@ -264,16 +264,19 @@ def test_paged_decode_compiled_on_hopper(rng):
     ("turboquant_4bit_nc", 8, MosaicConfig(3, 3), True),
     ("turboquant_4bit_nc", 32, MosaicConfig(1, 2), False),
     ("turboquant_k8v4", 16, MosaicConfig(2, 2), False),
-    ("turboquant_4bit_nc", 16, MosaicConfig(1, 2, True), True)], ids=str)
+    ("turboquant_4bit_nc", 16, MosaicConfig(1, 2, True), True),
+    ("turboquant_k3v4_nc", 16, MosaicConfig(2, 2), True),
+    ("turboquant_3bit_nc", 8, MosaicConfig(3, 3), True),
+    ("turboquant_3bit_nc", 32, MosaicConfig(1, 2), False)], ids=str)
 def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
-    """tq.vllm.turboquant_decode (4-bit or fp8 keys, 4-bit values, 8 KV heads: rows of 1072 or
-    1568 bytes) on the Mosaic backend against the reference path (relative Linf < 2e-3, as the
+    """tq.vllm.turboquant_decode (every preset: 3-bit, 4-bit or fp8 keys, 3- or 4-bit values;
+    8 KV heads: rows of 816-1568 bytes) on the Mosaic backend against the reference path (relative Linf < 2e-3, as the
     Triton kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a
     tile tail and several tiles (one split of 5 with ``prefetch``), garbage past each
     sequence's blocks, norm correction on and off."""
     from test_vllm import write_sequences
     pr = tq.vllm.preset(name, D)
-    c, _ = tq.lloyd_max(D, 4)
+    c, _ = tq.lloyd_max(D, pr.mse_bits)
     pi = tq.hadamard_rotation(D, seed=int(rng.integers(1000)))
     lens = [0, 1, bs, 64 + 7, (4 if cfg.prefetch else 2) * 64 + bs + 3]
     cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, bs, pi, c, "reference")
@@ -294,13 +297,14 @@ def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
 
 def test_vllm_refusals(rng):
     """What the vLLM-layout Mosaic decode does not serve raises, naming the backend: 2 KV
-    heads (a 268-byte row: TMA strides are multiples of 16), bf16 queries, 3-bit keys."""
+    heads (a 268-byte row: TMA strides are multiples of 16), bf16 queries, 3-bit codes at 4
+    KV heads (a 408-byte row)."""
     from test_vllm import write_sequences
     c, _ = tq.lloyd_max(D, 4)
     pi = tq.hadamard_rotation(D, seed=3)
     for name, hk, dtype in (("turboquant_4bit_nc", 2, jnp.float16),
                             ("turboquant_4bit_nc", 8, jnp.bfloat16),
-                            ("turboquant_k3v4_nc", 8, jnp.float16)):
+                            ("turboquant_3bit_nc", 4, jnp.float16)):
         pr = tq.vllm.preset(name, D)
         cb, _ = tq.lloyd_max(D, pr.mse_bits)
         cache, bt, _, _ = write_sequences(rng, pr, [5], hk, D, 16, pi, cb, "reference")
@@ -311,13 +315,15 @@ def test_vllm_refusals(rng):
 
 
 @pytest.mark.parametrize("name,nc", [("turboquant_4bit_nc", True), ("turboquant_4bit_nc", False),
-                                     ("turboquant_k8v4", False)])
+                                     ("turboquant_k8v4", False), ("turboquant_k3v4_nc", True),
+                                     ("turboquant_3bit_nc", True)])
 def test_vllm_decode_lowers_for_sm90(name, nc):
     """The vLLM-layout kernel lowers to a Mosaic GPU module on a CPU (fp16 field windows,
-    the norm correction's row reduction, the hi/lo query products, fp8 key conversion)."""
+    the norm correction's row reduction, the hi/lo query products, fp8 key conversion, the
+    3-bit codes re-packed as nibbles through shared memory)."""
     pr = tq.vllm.preset(name, D)
     pi = tq.hadamard_rotation(D, seed=1)
-    c = tq.lloyd_max(D, 4)[0]
+    c = tq.lloyd_max(D, pr.mse_bits)[0]
     s = jax.ShapeDtypeStruct
     args = (s((8, 32, D), jnp.float16), s(pr.cache_shape(600, 16, 8), jnp.uint8),
             s((8, 64), jnp.int32), s((8,), jnp.int32))
@@ -328,12 +334,13 @@ def test_vllm_decode_lowers_for_sm90(name, nc):
 
 
 @pytest.mark.gpu
-def test_vllm_decode_compiled_on_hopper(rng):
+@pytest.mark.parametrize("name", sorted(tq.vllm.PRESETS))
+def test_vllm_decode_compiled_on_hopper(rng, name):
     if (tq.backend.compute_capability() or (0, 0)) < (9, 0):
         pytest.skip("needs an sm_90+ GPU")
     from test_vllm import write_sequences
-    pr = tq.vllm.preset("turboquant_4bit_nc", D)
-    c, _ = tq.lloyd_max(D, 4)
+    pr = tq.vllm.preset(name, D)
+    c, _ = tq.lloyd_max(D, pr.mse_bits)
     pi = tq.hadamard_rotation(D, seed=2)
     lens = [0, 37, 1000, 16]
     cache, bt, _, _ = write_sequences(rng, pr, lens, 8, D, 16, pi, c, "pallas")
@@ -383,13 +390,15 @@ def test_split_rule_and_auto_rule():
     assert not tuning.prefer("vllm_decode", 4, 32768)
     assert not tuning.prefer("vllm_decode", 8, 4096)
     assert not tuning.prefer("paged_decode", 32, 32768)
+    assert not tuning.prefer("vllm_decode_3bit", 32, 32768)
 
 
 def test_auto_dispatches_vllm_decode_to_mosaic_on_hopper(monkeypatch):
     """With an sm_90 GPU (simulated), ``impl="auto"`` routes turboquant_decode to the Mosaic
     kernel at B=8 over a 8K-key table, and to the Triton-lowered one at B=4, on an sm_80 GPU,
-    with a Triton DecodeConfig, or for a layout the Mosaic kernel does not serve (traced with
-    jax.eval_shape: no kernel runs)."""
+    with a Triton DecodeConfig, or for 3-bit codes (served by the Mosaic kernel, not yet
+    timed: only ``impl="mosaic"`` takes it there) (traced with jax.eval_shape: no kernel
+    runs)."""
     from tq4jax import backend
     from tq4jax.pallas_triton.tuning import DecodeConfig
 
@@ -421,6 +430,7 @@ def test_auto_dispatches_vllm_decode_to_mosaic_on_hopper(monkeypatch):
     assert run("turboquant_4bit_nc", 8, 256).shape == (8, 32, D)
     assert run("turboquant_4bit_nc", 8, 512, config=DecodeConfig()).shape == (8, 32, D)
     assert run("turboquant_k3v4_nc", 8, 512).shape == (8, 32, D)
+    assert run("turboquant_3bit_nc", 8, 512).shape == (8, 32, D)
     cc[0] = (8, 0)
     assert run("turboquant_4bit_nc", 8, 512).shape == (8, 32, D)
 

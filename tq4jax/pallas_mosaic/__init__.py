@@ -5,14 +5,14 @@
   codebook lookups (:mod:`.lut`).
 * :mod:`.paged`: ``paged_decode`` on a paged TQ4 cache (pages copied by TMA from block-table
   entries read in the kernel).
-* :mod:`.vllm`: ``tq.vllm.turboquant_decode`` with 4-bit or fp8 keys and 4-bit values
-  (vLLM's ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
+* :mod:`.vllm`: ``tq.vllm.turboquant_decode`` for vLLM's four presets (3-bit, 4-bit or fp8
+  keys; 3- or 4-bit values).
 * :mod:`.tiles`: what they share (the loop over a split's key tiles, scratch, query packing,
   split merge); :mod:`.tuning`: the split rule and where ``auto`` takes these kernels.
 
 ``impl="auto"`` takes the vLLM-layout kernel where it was measured faster than the
-Triton-lowered one (:mod:`.tuning`: B >= 8 sequences over caches of >= 8K keys on an H200,
-1.13-1.66x); the contiguous and paged kernels are correct on an H200 but slower there (0.79-0.90x
+Triton-lowered one (:mod:`.tuning`: 4-bit and fp8 keys, B >= 8 sequences over caches of >= 8K
+keys on an H200, 1.13-1.66x); the contiguous and paged kernels are correct on an H200 but slower there (0.79-0.90x
 at their tuned splits), so they run only with ``impl="mosaic"``. Without a GPU the kernels
 run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the CPU. API
 differences between jax versions live in :mod:`.compat`; split counts and the ``auto`` rule

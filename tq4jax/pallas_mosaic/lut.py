@@ -7,6 +7,9 @@
   bytes (8 nibbles) and returns the even coordinates (high nibbles) and the odd ones as fp16.
 * :func:`decode_select`: a 4-level select tree over 16 scalars (any codebook; slow; the
   interpret-mode path).
+* :func:`nibble_words`: 3-bit codes (vLLM's LSB-first bit stream) re-packed as nibbles
+  ``code + 4``, so the 4-bit lookups above serve them with the 8-entry codebook in entries
+  4-11 of a 16-entry antisymmetric table (:func:`nibble_codebook`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,38 @@ import numpy as np
 #: Byte selectors pairing the low- and high-byte planes into fp16 lanes: high nibbles (even
 #: coordinates) and low nibbles (odd coordinates) of a word's 4 bytes.
 _EVEN, _ODD = 0x7351, 0x6240
+
+
+#: A 3-bit code c is looked up as nibble c + 4 (entries 4-11 of the 16-entry table).
+NIBBLE_BIAS3 = 4
+
+
+def nibble_codebook(c8: Any) -> Any:
+    """An 8-entry codebook (jnp or numpy, antisymmetric for the prmt lookup) -> its 16-entry
+    table for :func:`nibble_words`' nibbles: entries 4-11 the codebook, 0-3 and 12-15 its
+    outer entries (never read; they keep the table antisymmetric)."""
+    xp = np if isinstance(c8, np.ndarray) else jnp
+    c8 = c8[:8]
+    return xp.concatenate([xp.repeat(c8[:1], 4), c8, xp.repeat(c8[7:], 4)])
+
+
+def spread3(x: Any) -> Any:
+    """uint32 [..] holding eight 3-bit fields in bits [0, 24) -> eight nibbles (field + 4)."""
+    x = (x & 0xFFF) | ((x & 0xFFF000) << 4)
+    x = (x & 0x3F003F) | ((x & 0xFC00FC0) << 2)
+    x = (x & 0x7070707) | ((x & 0x38383838) << 1)
+    return x + 0x44444444
+
+
+def nibble_words(halfwords: list) -> list:
+    """A 3-bit LSB-first code stream as 16-bit words (uint32 arrays, any shape; 3k words:
+    16k codes) -> 2k uint32 words of nibbles ``code + 4``, code i at nibble i % 8 of word
+    i // 8 (little-endian bytes: the even code in the low nibble)."""
+    out = []
+    for g in range(0, len(halfwords), 3):
+        w0, w1, w2 = halfwords[g:g + 3]
+        out += [spread3(w0 | ((w1 & 0xFF) << 16)), spread3((w1 >> 8) | (w2 << 8))]
+    return out
 
 
 def prmt_program(planes: tuple[int, int, int, int]) -> str:

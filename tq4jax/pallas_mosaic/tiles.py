@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ..core import LN2, LOG2E, merge_splits, static_planes
 from ..layout import VLLM_NC_EPS
 from . import compat
-from .lut import decode_prmt, decode_select
+from .lut import decode_prmt, decode_select, nibble_words
 
 T = 64    # keys per tile (wgmma M)
 NQ = 16   # query heads of a KV head, padded (wgmma N: P^T is stored swizzled, 2N >= 32 bytes)
@@ -110,6 +110,36 @@ class Ops:
         # unoptimized: no transfer plan exists for every row stride (a vLLM box's 96 bytes)
         return compat.load(view.at[slot, :, col], ROWS, False).astype(jnp.float32)
 
+    def halfword_column(self, window, slot, col):
+        """16-bit column ``col`` (an int or a traced int32) of ring slot ``slot`` of a
+        :meth:`box_ring` with a 16-bit view: [T] uint32 in ROWS layout."""
+        u8, view = window
+        if self.interpret:
+            raw = lax.dynamic_slice_in_dim(u8.at[slot][...], col * 2, 2, axis=1)
+        else:
+            raw = compat.load(view.at[slot, :, col], ROWS, False)
+        return lax.bitcast_convert_type(raw, jnp.uint16).reshape(T).astype(jnp.uint32)
+
+    def unpack3(self, window, slot, offset, nib):
+        """The D 3-bit codes (LSB-first) at byte ``offset`` (even) of each row of ring slot
+        ``slot`` -> a 4-bit code tile [T, DB] u8 of nibbles ``code + 4``, the even coordinate
+        in the low nibble (:func:`.lut.nibble_words`), in WG layout. ``nib``: scratch
+        [T, DB] u8 aliased as [T, DB / 4] u32 (compiled; None in interpret mode)."""
+        words = nibble_words([self.halfword_column(window, slot, offset // 2 + j)
+                              for j in range(3 * D // 16)])
+        if self.interpret:
+            return lax.bitcast_convert_type(jnp.stack(words, axis=1), jnp.uint8).reshape(T, DB)
+        u8, u32 = nib
+        for j, w in enumerate(words):  # a key row's words, replicated over its quad
+            u32.at[:, j][...] = w
+        return self.load(u8, WG, False)
+
+    def nibble_scratch(self) -> Any:
+        """Scratch for :meth:`unpack3` (None in interpret mode)."""
+        if self.interpret:
+            return None
+        return plgpu.RefUnion(plgpu.SMEM((T, DB), jnp.uint8), plgpu.SMEM((T, DB // 4), jnp.uint32))
+
     def full(self, shape, value, layout):
         x = jnp.full(shape, value, jnp.float32)
         return x if self.interpret else plgpu.layout_cast(x, layout)
@@ -161,13 +191,15 @@ class Ring(NamedTuple):
     layout (the norm; or a vLLM value's scale and zero), ``bar``: one barrier per slot,
     ``swizzled``: as the codes; ``offset`` (None: 0, the whole W): the codes' byte column in
     the box (an int or a traced int32), ``width`` bytes of them (a misaligned field copied in
-    an aligned box, :func:`aligned_box`)."""
+    an aligned box, :func:`aligned_box`); ``window``: the :meth:`Ops.box_ring` pair (16-bit
+    view) when the codes are a 3-bit stream (:meth:`Ops.unpack3`), else None."""
     codes: Any
     norms: Callable[[Any], Any]
     bar: Any
     swizzled: bool = True
     offset: Any = None
     width: int = DB
+    window: Any = None
 
     def tile(self, slot):
         """Wait for slot ``slot``; its codes ref [T, width] and per-row vectors."""
@@ -233,7 +265,7 @@ def page_issuer(cache_hbm, bt_row, *, start, end, block_size: int, num_blocks: i
 
 def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[Any, int], None],
                  k: Ring, v: Ring, q_hbm, q_smem, q_bar, kt_ref, vt_ref, planes: tuple,
-                 o_ref, lse_ref, fmt: Format = Format()) -> None:
+                 o_ref, lse_ref, fmt: Format = Format(), nib: Any = None) -> None:
     """The keys [start, end) of one split (``end <= start``: none) in tiles of T, then the
     split's output: ``o_ref`` [D, NQ] f32 (O^T normalized, coordinates even then odd) and
     ``lse_ref`` [NQ] (base 2; -inf for no keys). ``issue``: an :class:`Issue`, or
@@ -241,8 +273,9 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
     ``q_hbm`` [2 * q_parts, NQ, DB] f16 (even, odd
     coordinates per part, pre-scaled) is copied to ``q_smem`` first; ``kt_ref``/``vt_ref``:
     K and V codebooks [16] f32; ``planes``: their prmt tables (None: select lookups); ``fmt``:
-    :class:`Format`. The loop's decoded-V and P tiles and the epilogue's output buffers are
-    scoped one after the other, so they share shared memory (more CTAs per SM)."""
+    :class:`Format`; ``nib``: :meth:`Ops.nibble_scratch` where a ring holds 3-bit codes. The
+    loop's decoded-V and P tiles and the epilogue's output buffers are scoped one after the
+    other, so they share shared memory (more CTAs per SM)."""
     plgpu.copy_gmem_to_smem(q_hbm, q_smem, q_bar)
     plgpu.barrier_wait(q_bar)
     tables = [[ref[i].astype(jnp.float16) for i in range(16)] for ref in (kt_ref, vt_ref)]
@@ -252,9 +285,13 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
     for s in range(stages):
         pl.when(s < n_tiles)(lambda s=s: issue.copy(issue.locate(s), s))
 
-    def halves(codes, table, lut, swizzled):
-        """A code tile -> (even, odd coordinates) fp16 [T, DB] each."""
-        high, low = ops.decode(ops.load(codes, WG, swizzled), table, lut)
+    def halves(ring, codes, slot, table, lut):
+        """A ring slot's code tile -> (even, odd coordinates) fp16 [T, DB] each."""
+        if ring.window is None:
+            tile = ops.load(codes, WG, ring.swizzled)
+        else:
+            tile = ops.unpack3(ring.window, slot, ring.offset, nib)
+        high, low = ops.decode(tile, table, lut)
         return (low, high) if fmt.low_nibble_first else (high, low)
 
     def fp8_halves(codes):
@@ -275,7 +312,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
         if fmt.fp8_keys:
             k_even, k_odd = fp8_halves(k_codes)  # the halves pair with the query's halves
         else:
-            k_even, k_odd = halves(k_codes, tables[0], planes[0], k.swizzled)
+            k_even, k_odd = halves(k, k_codes, slot, tables[0], planes[0])
         s = ops.scores([(half, q_smem.at[2 * j + n]) for j in range(fmt.q_parts)
                         for n, half in enumerate((k_even, k_odd))], (T, NQ))
         if k_rows:
@@ -299,7 +336,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
             pl.when(first + T > end)(lambda: zero_rows_from(v_codes, end - first))
             p_val, v_src = p, v_codes
         else:
-            v_even, v_odd = halves(v_codes, tables[1], planes[1], v.swizzled)
+            v_even, v_odd = halves(v, v_codes, slot, tables[1], planes[1])
             p_val = p * lax.broadcast_in_dim(v_rows[0], (T, NQ), [0])  # the norm, or scale
             vdec.at[:, pl.ds(0, DB)][...] = v_even
             vdec.at[:, pl.ds(DB, DB)][...] = v_odd

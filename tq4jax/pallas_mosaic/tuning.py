@@ -33,7 +33,8 @@ PREFETCH = False
 #: cache capacity (keys per sequence) where it was measured faster than the Triton-lowered
 #: kernel (both at their tuned configs). vLLM 4bit_nc: 1.13-1.24x at B=8/32 (8K, 32K), 0.96x
 #: at B=1; k8v4: 1.24-1.66x at B=8/32, 1.06x at B=1 (too close to call). The TQ4 contiguous
-#: and paged kernels lost everywhere (0.79-0.90x) and are chosen only by ``impl="mosaic"``.
+#: and paged kernels lost everywhere (0.79-0.90x) and are chosen only by ``impl="mosaic"``,
+#: as is the vLLM decode of 3-bit codes ("vllm_decode_3bit": not yet timed).
 AUTO_MOSAIC = {"vllm_decode": (8, 8192)}
 
 

@@ -1,5 +1,6 @@
-"""vLLM TurboQuant decode (LAYOUTS.md family B) in Pallas Mosaic GPU: 4-bit or fp8 keys, 4-bit
-values (the presets ``turboquant_4bit_nc`` and ``turboquant_k8v4``).
+"""vLLM TurboQuant decode (LAYOUTS.md family B) in Pallas Mosaic GPU: 3-bit, 4-bit or fp8 keys,
+3-bit or 4-bit values (all four presets: ``turboquant_4bit_nc``, ``turboquant_k8v4``,
+``turboquant_k3v4_nc``, ``turboquant_3bit_nc``).
 
 Grid (split, KV head, sequence), one warpgroup per CTA, the loop of :func:`.tiles.attend_split`
 with the family-B :class:`.tiles.Format`. The cache [num_blocks, block_size, H_KV, slot] is a
@@ -10,6 +11,10 @@ codes with the fp16 key norm (or the fp8 key bytes), and the value codes with th
 scale and zero. The fp16 fields are read from shared memory at their byte offsets; the code
 tiles stay plain (134-byte slots put the fields off any swizzle grid).
 
+* 3-bit codes (keys or values: an LSB-first bit stream, codes straddling bytes) are first
+  re-packed per tile as nibbles ``code + 4`` (:meth:`.tiles.Ops.unpack3`: 16-bit columns of
+  the box, shifts and masks per key row, a [T, D/2] scratch) and then take the 4-bit path,
+  the 8-entry codebook in entries 4-11 of a 16-entry table (:func:`.lut.nibble_codebook`).
 * Keys: 4-bit Lloyd-Max codes, the even coordinate in the low nibble, decoded in registers;
   with ``norm_correction`` divided by the decoded vector's own L2 norm (a reduction along D
   per key row). Scores take the rotated query as an fp16 hi/lo pair (its rounding removed,
@@ -18,15 +23,15 @@ tiles stay plain (134-byte slots put the fields off any swizzle grid).
   halves), no norm.
 * Values: uniform 4-bit levels, not rotated: the V table holds ``level - 7.5`` (antisymmetric,
   so the same ``prmt`` lookup), P is scaled by each row's scale and ``sum p * (zero + 7.5 *
-  scale)`` is added to every coordinate. No post-rotation.
+  scale)`` is added to every coordinate (3-bit levels: nibble ``level + 4``, the same table,
+  ``zero + 3.5 * scale``). No post-rotation.
 * Pages past the sequence's last block are never followed; block ids are clamped into the
   cache.
 
-Constraints (:func:`supported`): D = 128, 4-bit or fp8 keys, 4-bit values, <= 16 query heads
-per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
+Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
 of 16 bytes. Status: checked in GPU interpret mode (reads past an array raise), by the sm_90
-lowering on a CPU, and compiled on an H200 (faster than the Triton-lowered kernel at B >= 8,
-bench/RESULTS.md).
+lowering on a CPU, and compiled on an H200 (4-bit and fp8 keys: faster than the
+Triton-lowered kernel at B >= 8, bench/RESULTS.md; the 3-bit path is not yet compiled there).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import VllmSlot
+from .lut import NIBBLE_BIAS3, nibble_codebook
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, Format, MosaicConfig, Ops, Ring, aligned_box,
                     attend_split, box_width, launch_params, merge_output, pack_query,
                     page_issuer, prmt_planes, query_scratch, split_chunk)
@@ -65,20 +71,19 @@ def boxes(lay: VllmSlot, h: Any, row_width: int) -> tuple:
 def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
     """vLLM caches this kernel serves (see the module docstring)."""
     row = num_kv_heads * lay.slot_bytes
-    return (lay.head_dim == D and (lay.key_fp8 or lay.mse_bits == 4) and lay.value_bits == 4
-            and group <= NQ and block_size in (8, 16, 32, 64) and row % TMA_ALIGN == 0
+    return (lay.head_dim == D and group <= NQ and block_size in (8, 16, 32, 64) and row % TMA_ALIGN == 0
             and box_width(max(lay.key_bytes, lay.value_bytes + 4)) <= row)
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
             chunk: int, stages: int, prefetch: bool, planes: tuple, block_size: int,
             num_blocks: int,
-            lay: VllmSlot, fmt: Format, kb, vb, q_smem, q_bar, k_bar, v_bar):
+            lay: VllmSlot, fmt: Format, kb, vb, q_smem, q_bar, k_bar, v_bar, nib=None):
     """Program (split, KV head h, sequence b): refs lens [S] i32 (within the table's
     capacity); block table [S, max_blocks] i32; q [S, H, 4, NQ, DB] f16 (hi and lo parts);
     K/V tables [16] f32; cache [num_blocks * block_size, H * slot] u8 in HBM; outputs as
     :func:`.tiles.attend_split`. ``kb``/``vb``: rings of key and value boxes
-    (:meth:`.tiles.Ops.box_ring`, fp16 views)."""
+    (:meth:`.tiles.Ops.box_ring`, fp16 views); ``nib``: the 3-bit codes' scratch."""
     split, h, b = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("b")
     start = split * chunk
     end = jnp.minimum(start + chunk, lens_ref[b])
@@ -95,13 +100,15 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     k_rows = ((lambda slot: ()) if fmt.fp8_keys else
               (lambda slot: (field(kb, k_off + lay.norm_at, slot),)))
     v_scale, v_zero = v_off + lay.value_bytes, v_off + lay.value_bytes + 2
+    k3, v3 = not fmt.fp8_keys and lay.mse_bits == 3, lay.value_bits == 3
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
-                 k=Ring(kb[0], k_rows, k_bar, False, k_off, D if fmt.fp8_keys else DB),
+                 k=Ring(kb[0], k_rows, k_bar, False, k_off, lay.mse_bytes if k3 else
+                        D if fmt.fp8_keys else DB, kb if k3 else None),
                  v=Ring(vb[0], lambda slot: (field(vb, v_scale, slot), field(vb, v_zero, slot)),
-                        v_bar, False, v_off, DB),
+                        v_bar, False, v_off, lay.value_bytes, vb if v3 else None),
                  q_hbm=q_ref.at[b, h], q_smem=q_smem, q_bar=q_bar, kt_ref=kt_ref,
                  vt_ref=vt_ref, planes=planes, o_ref=o_ref.at[b, h, split],
-                 lse_ref=lse_ref.at[b, h, split], fmt=fmt)
+                 lse_ref=lse_ref.at[b, h, split], fmt=fmt, nib=nib)
 
 
 def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay: VllmSlot,
@@ -116,6 +123,8 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
         vb=ops.box_ring(st, box_width(lay.value_bytes + 4), jnp.float16),
         k_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st))
+    if 3 in (lay.value_bits, None if lay.key_fp8 else lay.mse_bits) and not interpret:
+        scratch["nib"] = ops.nibble_scratch()
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      prefetch=cfg.prefetch,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
@@ -128,9 +137,10 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
 
 
 def vllm_format(lay: VllmSlot, nc: bool) -> Format:
-    """The :class:`.tiles.Format` of a vLLM slot layout (4-bit or fp8 keys, 4-bit values)."""
+    """The :class:`.tiles.Format` of a vLLM slot layout."""
+    offset = VALUE_OFFSET - (NIBBLE_BIAS3 if lay.value_bits == 3 else 0)
     return Format(low_nibble_first=True, key_nc=nc and not lay.key_fp8,
-                  value_offset=VALUE_OFFSET, q_parts=2, fp8_keys=lay.key_fp8)
+                  value_offset=offset, q_parts=2, fp8_keys=lay.key_fp8)
 
 
 @partial(jax.jit, static_argnames=("scale", "lay", "nc", "config", "interpret", "k_planes"))
@@ -150,18 +160,23 @@ def decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array, lens: 
            centroids: jax.Array, scale: float, *, lay: VllmSlot, norm_correction: bool,
            raw_centroids: Any = None, config: MosaicConfig | None = None,
            interpret: bool = False) -> jax.Array:
-    """vLLM TurboQuant decode of 4-bit keys and values.
+    """vLLM TurboQuant decode (3/4-bit or fp8 keys, 3/4-bit values).
 
     Args:
       q_rot: [S, H_KV, G, D] float32, the queries rotated (``query @ Pi^T``), per KV head.
       kv_cache: [num_blocks, block_size, H_KV, slot] uint8 of layout ``lay``; block_table:
         [S, max_blocks] int32; lens: [S] int32 within the table's capacity (0 gives zeros).
-      centroids: float32 [16] the key codebook (``raw_centroids``: the caller's, compiled in
-        as prmt tables when concrete and antisymmetric); scale: the softmax scale.
+      centroids: float32 [16] the key codebook, zero-padded (3-bit keys: the first 8 entries;
+        ``raw_centroids``: the caller's, compiled in as prmt tables when concrete and
+        antisymmetric); scale: the softmax scale.
       norm_correction: keys divided by their decoded vector's L2 norm (vLLM's ``*_nc``).
     Returns:
       float32 [S, H_KV, G, D] (values are not rotated: no post-rotation).
     """
+    if not lay.key_fp8 and lay.mse_bits == 3:  # nibbles code + 4 (.lut.nibble_words)
+        centroids = nibble_codebook(centroids)
+        if raw_centroids is not None and not isinstance(raw_centroids, jax.core.Tracer):
+            raw_centroids = nibble_codebook(np.asarray(raw_centroids, np.float32))
     config = config or choose_config(q_rot.shape[0], q_rot.shape[1],
                                      block_table.shape[1] * kv_cache.shape[1])
     return _decode(q_rot, kv_cache, block_table, lens, centroids, scale=float(scale), lay=lay,

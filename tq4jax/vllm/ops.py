@@ -101,12 +101,12 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
         config: Triton tiling (:class:`~tq4jax.pallas_triton.tuning.DecodeConfig`), or a
         :class:`~tq4jax.pallas_mosaic.MosaicConfig` for the Mosaic backend (whose splits
         replace ``max_num_kv_splits``; None: :mod:`tq4jax.pallas_mosaic.tuning`'s rule).
-      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper) serves D=128 with 4-bit or fp8 keys
-        and 4-bit values (``turboquant_4bit_nc``, ``turboquant_k8v4``), fp16 queries,
-        block_size 8/16/32/64, H_KV * slot a multiple of 16 bytes (8 KV heads at D=128), no
-        window, soft cap or sinks; ``"auto"`` takes it there on an sm_90+ GPU for B >= 8 over
-        a table of >= 8K keys (measured faster, :mod:`tq4jax.pallas_mosaic.tuning`) unless
-        ``config`` is a Triton ``DecodeConfig``.
+      impl: :mod:`tq4jax.backend`; ``"mosaic"`` (Hopper) serves D=128 with every preset,
+        fp16 queries, block_size 8/16/32/64, H_KV * slot a multiple of 16 bytes (8 KV heads
+        at D=128), no window, soft cap or sinks; ``"auto"`` takes it there on an sm_90+ GPU
+        for 4-bit or fp8 keys and 4-bit values at B >= 8 over a table of >= 8K keys
+        (measured faster, :mod:`tq4jax.pallas_mosaic.tuning`) unless ``config`` is a Triton
+        ``DecodeConfig``.
     Returns:
       [B, H_Q, D] in query's dtype. Positions past ``seq_lens`` (or past the block table)
       are never read; block ids are clamped into the cache; length 0 gives zeros.
@@ -124,7 +124,9 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
                  and mosaic.vllm.supported(lay, hq // hkv, bs, hkv))
     capacity = block_table.shape[1] * bs
     prefer = (not isinstance(config, DecodeConfig)  # a Triton config asks for that backend
-              and mosaic.tuning.prefer("vllm_decode", b, capacity))
+              and mosaic.tuning.prefer("vllm_decode_3bit" if 3 in (
+                  lay.value_bits, None if lay.key_fp8 else lay.mse_bits) else "vllm_decode",
+                  b, capacity))
     path = resolve_impl(impl, mosaic=mosaic_ok, prefer_mosaic=prefer)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else DecodeConfig,
                           path, "turboquant_decode")
