@@ -14,6 +14,9 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
         [--ops paged_decode --splits 16 32 64 --stages 2 3 --prefetch 0 1]
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
+    ncu --clock-control none --kernel-name regex:_kernel --section SpeedOfLight \
+        --section WarpStateStats --section InstructionStats python3 bench/decode.py --once \
+        --batch 8 --ctx 32768 --impl mosaic --ops paged_decode   # each op launched once
 """
 
 from __future__ import annotations
@@ -87,11 +90,12 @@ def cases(b: int, ctx: int):
     def vllm_case(name: str):
         """(maker, args, bytes) of tq.vllm.turboquant_decode on a cache of preset ``name``."""
         pr = tq.vllm.preset(name, D)
+        cb = tq.lloyd_max(D, pr.mse_bits)[0]
         vcache = tq.vllm.turboquant_store(jnp.zeros(pr.cache_shape(b * ctx // BS, BS, HKV),
-                                                    jnp.uint8), k, v, slots, pi, cent,
+                                                    jnp.uint8), k, v, slots, pi, cb,
                                           **pr.store_kwargs())
         return (lambda impl, config=None: jax.jit(lambda q, c, t, l: tq.vllm.turboquant_decode(
-            q, c, t, l, pi, cent, D ** -0.5, **pr.decode_kwargs(), config=config, impl=impl)),
+            q, c, t, l, pi, cb, D ** -0.5, **pr.decode_kwargs(), config=config, impl=impl)),
             (q, vcache, table, lens), n * pr.slot_bytes)
 
     kw = dict(num_kv_heads=HKV, head_dim=D, block_size=BS)
@@ -109,6 +113,8 @@ def cases(b: int, ctx: int):
             (q, cache, table, lens), n * 136),
         "vllm 4bit_nc": vllm_case("turboquant_4bit_nc"),
         "vllm k8v4": vllm_case("turboquant_k8v4"),
+        "vllm k3v4_nc": vllm_case("turboquant_k3v4_nc"),
+        "vllm 3bit_nc": vllm_case("turboquant_3bit_nc"),
         "original paged (jax-triton)": (original_paged, (q, cache, table, lens, cent, rot),
                                         n * 136),
     }
@@ -175,7 +181,10 @@ def main() -> None:
     ap.add_argument("--impl", nargs="+", default=["triton", "mosaic"])
     ap.add_argument("--mosaic-sweep", action="store_true",
                     help="only sweep the Mosaic decode's configs at each --batch/--ctx")
-    ap.add_argument("--ops", nargs="+", default=list(SWEEP_OPS), help="ops of the sweep")
+    ap.add_argument("--ops", nargs="+", default=list(SWEEP_OPS),
+                    help="ops of the sweep and of --once")
+    ap.add_argument("--once", action="store_true",
+                    help="run each op of --ops once per --impl, untimed (a profiler's target)")
     ap.add_argument("--splits", type=int, nargs="+", default=[4, 8, 16, 32],
                     help="KV splits of the sweep")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4],
@@ -188,6 +197,13 @@ def main() -> None:
     if a.epilogue:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}, block {BS}")
         epilogue_table(a.batch, a.ctx)
+        return
+    if a.once:
+        for b, ctx in itertools.product(a.batch, a.ctx):
+            for name, impl in itertools.product(a.ops, a.impl):
+                make, args, _ = cases(b, ctx)[name]
+                jax.block_until_ready(make(impl)(*args))
+                print(f"ran {name} B={b} ctx={ctx} impl={impl}", flush=True)
         return
     if a.mosaic_sweep:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")

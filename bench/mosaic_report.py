@@ -8,7 +8,7 @@ prints, per dump file: registers, spills, shared memory and the count of the opc
 bound a decode tile (tensor-core HGMMA, PRMT lookups, shared loads/stores, exp2, barriers).
 Use it to see what a tile costs before and after a kernel change: one device call, ~1 min.
 
-    PYTHONPATH=. python3 bench/mosaic_report.py [--dump DIR] [--top 12]
+    PYTHONPATH=. python3 bench/mosaic_report.py [--dump DIR] [--top 12] [--ops NAME ...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import glob
 import re
+import shutil
 import sys
 import tempfile
 
@@ -43,11 +45,28 @@ def resources(text: str) -> str:
     return " | ".join(lines[:4])
 
 
-def run_ops() -> None:
+OPS = ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4", "vllm k3v4_nc",
+       "vllm 3bit_nc")
+
+
+def find_nvdisasm() -> None:
+    """Put a CUDA toolkit's bin folder on PATH when ``nvdisasm`` (which jaxlib runs for the
+    SASS dump) is not on it (the H200 machine: installed, not on PATH)."""
+    if shutil.which("nvdisasm"):
+        return
+    for pattern in ("/usr/local/cuda*/bin/nvdisasm", "/opt/nvidia/*/bin/nvdisasm",
+                    "/usr/lib/nvidia-cuda-toolkit/bin/nvdisasm"):
+        for path in sorted(glob.glob(pattern)):
+            os.environ["PATH"] = os.path.dirname(path) + os.pathsep + os.environ["PATH"]
+            return
+    print("# nvdisasm not found: no SASS opcode mix (registers and shared memory only)")
+
+
+def run_ops(ops=OPS) -> None:
     import jax
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode import cases  # noqa: E402 (bench/decode.py: the decode bench's inputs)
-    for name in ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4"):
+    for name in ops:
         make, args, _ = cases(8, 8192)[name]
         jax.block_until_ready(make("mosaic")(*args))
         print(f"ran {name}", flush=True)
@@ -57,14 +76,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dump", default=None, help="dump folder (default: a temporary one)")
     ap.add_argument("--top", type=int, default=12, help="most frequent opcodes to list")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), help="ops of bench/decode.py")
     a = ap.parse_args()
     dump = a.dump or tempfile.mkdtemp(prefix="mosaic_dump_")
     os.makedirs(dump, exist_ok=True)
     for var in ("MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_PTX"):
         os.environ[var] = "1"
     os.environ["MOSAIC_GPU_DUMP_TO"] = dump
-    run_ops()
-    files = sorted(os.listdir(dump))
+    find_nvdisasm()
+    run_ops(a.ops)
+    files = sorted(f for f in os.listdir(dump) if not f.endswith(".log"))  # not the IR passes
     print(f"\n# {len(files)} dump files in {dump}")
     for f in files:
         with open(os.path.join(dump, f), errors="replace") as fh:

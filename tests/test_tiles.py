@@ -150,3 +150,29 @@ def test_split_asm_decodes_every_byte(rng, dtype, low_first, table):
         for r in (0, 1):
             np.testing.assert_array_equal(regs[f"${r}"] & 0xFFFF, want[2 * r])
             np.testing.assert_array_equal(regs[f"${r}"] >> np.uint32(16), want[2 * r + 1])
+
+
+@pytest.mark.parametrize("bits3", [False, True], ids=["4bit", "3bit-nibbles"])
+def test_mosaic_prmt_program_decodes_every_byte(rng, bits3):
+    """The Mosaic GPU kernels' lookup (``pallas_mosaic.lut.prmt_program``, run compiled only)
+    on the numpy PTX model: 4 code bytes in $4 -> the even coordinates (high nibbles) of bytes
+    (0, 1) in $0 and (2, 3) in $1, the odd ones (low nibbles) in $2/$3, fp16, for an
+    antisymmetric Lloyd-Max codebook; ``3bit-nibbles``: an 8-entry codebook in entries 4-11
+    (``nibble_codebook``), read through nibbles 4-11 as the 3-bit path makes them."""
+    from tq4jax.pallas_mosaic.lut import nibble_codebook, prmt_program
+    from tq4jax.pallas_mosaic.tiles import prmt_planes
+    cent = np.asarray(tq.lloyd_max(128, 3 if bits3 else 4)[0], np.float32)
+    table = nibble_codebook(cent) if bits3 else cent
+    planes = prmt_planes(table)
+    assert planes is not None  # Lloyd-Max codebooks are antisymmetric in fp16
+    bits = table.astype(np.float16).view(np.uint16).astype(np.uint32)
+    lo, hi = (4, 12) if bits3 else (0, 16)
+    b = rng.integers(lo, hi, (4, 4096, 2)).astype(np.uint32)
+    b = b[..., 0] << 4 | b[..., 1]
+    x = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+    regs = run_ptx(prmt_program(planes), {"$4": x})
+    for k, (nib, r) in enumerate([(b >> 4, 0), (b & 15, 2)]):
+        for half in (0, 1):
+            word = regs[f"${r + half}"]
+            np.testing.assert_array_equal(word & 0xFFFF, bits[nib[2 * half]], err_msg=str(k))
+            np.testing.assert_array_equal(word >> np.uint32(16), bits[nib[2 * half + 1]])
