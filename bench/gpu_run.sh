@@ -14,6 +14,10 @@
 #             an H200), within $FUZZ_TIMEOUT (default 540 s: a device call of its own)
 #   soak      bench/soak.py for each layout in $SOAK_LAYOUTS
 #   memcheck  bench/memcheck.py under compute-sanitizer (one allocation per array)
+#   ncu       Nsight Compute on each Mosaic decode op of $NCU_OPS (comma-separated bench/decode.py
+#             names; default
+#             "paged_decode"), B=8 32K: throughput, occupancy, stall reasons, opcode mix; then
+#             bench/mosaic_report.py (registers, shared memory, SASS opcodes per kernel)
 #   bench     python3 bench/<name>.py for each name in $BENCHES
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/out.
 set -uo pipefail
@@ -67,6 +71,22 @@ for stage in $STAGES; do
       XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${MEMCHECK_TIMEOUT:-400} \
         $san python3 bench/memcheck.py > "$OUT/memcheck.log" 2>&1 || status=1
       tail -40 "$OUT/memcheck.log" ;;
+    ncu)
+      IFS=',' read -ra ops <<< "${NCU_OPS:-paged_decode}"
+      for op in "${ops[@]}"; do
+        note "ncu $op"
+        timeout ${NCU_TIMEOUT:-150} ncu --clock-control none --kernel-name regex:mosaic_gpu \
+          --section SpeedOfLight --section InstructionStats \
+          --section SchedulerStats --section Occupancy --section LaunchStats \
+          --section WarpStateStats --print-details all \
+          python3 bench/decode.py --once --batch 8 --ctx 32768 --impl mosaic --ops "$op" \
+          > "$OUT/ncu_${op// /_}.txt" 2>&1 || status=1
+        grep -E "Duration|Registers Per|Achieved Occ|Issue Slots|No Eligible|Executed Inst" \
+          "$OUT/ncu_${op// /_}.txt" | head -12
+      done
+      timeout ${REPORT_TIMEOUT:-200} python3 bench/mosaic_report.py > "$OUT/mosaic_report.txt" 2>&1 \
+        || status=1
+      grep -E "^## |resources|^top" "$OUT/mosaic_report.txt" ;;
     bench)
       for b in ${BENCHES:-codec}; do
         note "bench $b"
