@@ -270,10 +270,10 @@ def test_paged_decode_compiled_on_hopper(rng):
     ("turboquant_3bit_nc", 32, MosaicConfig(1, 2), False)], ids=str)
 def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
     """tq.vllm.turboquant_decode (every preset: 3-bit, 4-bit or fp8 keys, 3- or 4-bit values;
-    8 KV heads: rows of 816-1568 bytes) on the Mosaic backend against the reference path (relative Linf < 2e-3, as the
-    Triton kernel's test) and the Triton-lowered kernel: lengths 0, 1, a block boundary, a
-    tile tail and several tiles (one split of 5 with ``prefetch``), garbage past each
-    sequence's blocks, norm correction on and off."""
+    8 KV heads: rows of 816-1568 bytes) on the Mosaic backend against the reference path
+    (relative Linf < 2e-3, as the Triton kernel's test) and the Triton-lowered kernel:
+    lengths 0, 1, a block boundary, a tile tail and several tiles (one split of 5 with
+    ``prefetch``), garbage past each sequence's blocks, norm correction on and off."""
     from test_vllm import write_sequences
     pr = tq.vllm.preset(name, D)
     c, _ = tq.lloyd_max(D, pr.mse_bits)

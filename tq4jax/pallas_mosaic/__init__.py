@@ -12,10 +12,11 @@
 
 ``impl="auto"`` takes the vLLM-layout kernel where it was measured faster than the
 Triton-lowered one (:mod:`.tuning`: 4-bit and fp8 keys, B >= 8 sequences over caches of >= 8K
-keys on an H200, 1.13-1.66x); the contiguous and paged kernels are correct on an H200 but slower there (0.79-0.90x
-at their tuned splits), so they run only with ``impl="mosaic"``. Without a GPU the kernels
-run in Mosaic GPU interpret mode, and the tests also lower them for sm_90 on the CPU. API
-differences between jax versions live in :mod:`.compat`; split counts and the ``auto`` rule
+keys on an H200, 1.13-1.66x); the contiguous and paged kernels are correct on an H200 but
+slower there (0.79-0.90x at their tuned splits), so they run only with ``impl="mosaic"``.
+Without a GPU the kernels run in Mosaic GPU interpret mode, and the tests also lower them for
+sm_90 on the CPU. API differences between jax versions live in :mod:`.compat`; split counts
+and the ``auto`` rule
 are data in :mod:`.tuning`.
 """
 

@@ -28,10 +28,11 @@ tiles stay plain (134-byte slots put the fields off any swizzle grid).
 * Pages past the sequence's last block are never followed; block ids are clamped into the
   cache.
 
-Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in {8, 16, 32, 64}, a cache row (H_KV * slot bytes) that is a multiple
-of 16 bytes. Status: checked in GPU interpret mode (reads past an array raise), by the sm_90
-lowering on a CPU, and compiled on an H200 (4-bit and fp8 keys: faster than the
-Triton-lowered kernel at B >= 8, bench/RESULTS.md; the 3-bit path is not yet compiled there).
+Constraints (:func:`supported`): D = 128, <= 16 query heads per KV head, block_size in {8, 16,
+32, 64}, a cache row (H_KV * slot bytes) that is a multiple of 16 bytes. Status: checked in GPU
+interpret mode (reads past an array raise), by the sm_90 lowering on a CPU, and compiled on an
+H200 (4-bit and fp8 keys: faster than the Triton-lowered kernel at B >= 8, bench/RESULTS.md;
+the 3-bit presets: correct there, not yet timed).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def boxes(lay: VllmSlot, h: Any, row_width: int) -> tuple:
 def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
     """vLLM caches this kernel serves (see the module docstring)."""
     row = num_kv_heads * lay.slot_bytes
-    return (lay.head_dim == D and group <= NQ and block_size in (8, 16, 32, 64) and row % TMA_ALIGN == 0
-            and box_width(max(lay.key_bytes, lay.value_bytes + 4)) <= row)
+    return (lay.head_dim == D and group <= NQ and block_size in (8, 16, 32, 64)
+            and row % TMA_ALIGN == 0 and box_width(max(lay.key_bytes, lay.value_bytes + 4)) <= row)
 
 
 def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, *, ops: Ops,
