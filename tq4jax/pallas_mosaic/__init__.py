@@ -16,8 +16,7 @@ keys on an H200, 1.13-1.66x); the contiguous and paged kernels are correct on an
 slower there (0.79-0.90x at their tuned splits), so they run only with ``impl="mosaic"``.
 Without a GPU the kernels run in Mosaic GPU interpret mode, and the tests also lower them for
 sm_90 on the CPU. API differences between jax versions live in :mod:`.compat`; split counts
-and the ``auto`` rule
-are data in :mod:`.tuning`.
+and the ``auto`` rule are data in :mod:`.tuning`.
 """
 
 from .decode import decode, supported
