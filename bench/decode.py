@@ -12,7 +12,7 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py [--batch 1 8 32] [--ctx 1024 8192 32768 131072]
         [--impl triton mosaic]
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
-        [--ops paged_decode --splits 16 32 64 --stages 2 3 --prefetch 0 1]
+        [--ops paged_decode --splits 16 32 64 --stages 2 3 --prefetch 0 1 --auto-barriers 1 0]
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
     ncu --clock-control none --kernel-name regex:_kernel --section SpeedOfLight \
         --section WarpStateStats --section InstructionStats python3 bench/decode.py --once \
@@ -135,20 +135,23 @@ SWEEP_OPS = ("contiguous tq4_kv", "paged_decode", "vllm 4bit_nc", "vllm k8v4")
 
 
 def mosaic_sweep(b: int, ctx: int, ops=SWEEP_OPS, splits_list=(4, 8, 16, 32),
-                 stages_list=(2, 3, 4), prefetch_list=(0,)) -> None:
+                 stages_list=(2, 3, 4), prefetch_list=(0,), barriers_list=(1,)) -> None:
     """Contiguous, paged and vLLM-layout decode on the Mosaic backend per MosaicConfig (KV
-    splits x TMA ring depth), beside the Triton-lowered kernel's default in the same run."""
+    splits x TMA ring depth x block-id prefetch x automatic barriers), beside the
+    Triton-lowered kernel's default in the same run."""
     from tq4jax.pallas_mosaic import MosaicConfig
     for name in ops:
         run, args, nbytes = cases(b, ctx)[name]
         base = gpu_or_wall(run("triton"), *args)
         print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")
-        print("| splits | stages | prefetch | GPU ms | GB/s | triton / mosaic |")
-        print("|---|---|---|---|---|---|")
-        for splits, stages, pre in itertools.product(splits_list, stages_list, prefetch_list):
-            row = f"| {splits} | {stages} | {pre} |"
+        print("| splits | stages | prefetch | auto barriers | GPU ms | GB/s | triton / mosaic |")
+        print("|---|---|---|---|---|---|---|")
+        for splits, stages, pre, bar in itertools.product(splits_list, stages_list,
+                                                          prefetch_list, barriers_list):
+            row = f"| {splits} | {stages} | {pre} | {bar} |"
             try:
-                ms = gpu_or_wall(run("mosaic", MosaicConfig(splits, stages, bool(pre))), *args)
+                cfg = MosaicConfig(splits, stages, bool(pre), bool(bar))
+                ms = gpu_or_wall(run("mosaic", cfg), *args)
             except Exception as e:  # noqa: BLE001 (a config that does not compile or fit)
                 print(f"{row} - | - | {type(e).__name__}: {str(e)[:60]} |")
                 continue
@@ -191,6 +194,9 @@ def main() -> None:
                     help="TMA ring depths of the sweep")
     ap.add_argument("--prefetch", type=int, nargs="+", default=[0],
                     help="block ids one tile ahead in the sweep (0, 1: MosaicConfig.prefetch)")
+    ap.add_argument("--auto-barriers", type=int, nargs="+", default=[1],
+                    help="Pallas's barrier around each shared-memory store in the sweep (1, 0: "
+                         "MosaicConfig.auto_barriers)")
     ap.add_argument("--epilogue", action="store_true",
                     help="only compare the XLA and the fused split-merge epilogue")
     a = ap.parse_args()
@@ -209,7 +215,7 @@ def main() -> None:
         print(f"# decode bench: {device_line()}; {HQ}/{HKV} heads, D={D}")
         for b in a.batch:
             for ctx in a.ctx:
-                mosaic_sweep(b, ctx, a.ops, a.splits, a.stages, a.prefetch)
+                mosaic_sweep(b, ctx, a.ops, a.splits, a.stages, a.prefetch, a.auto_barriers)
         return
     on_gpu = jax.default_backend() == "gpu"
     copy = copy_bandwidth_gbs() if on_gpu else float("nan")

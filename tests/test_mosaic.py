@@ -37,7 +37,8 @@ def _want(q, kp, kn, vp, vn, cent, vc, rot, lens):
     return oracle(q, k_hat, v_hat, D ** -0.5, False, mask[:, None, None, :])
 
 
-@pytest.mark.parametrize("cfg", [MosaicConfig(2, 2), MosaicConfig(3, 3)], ids=str)
+@pytest.mark.parametrize("cfg", [MosaicConfig(2, 2), MosaicConfig(3, 3),
+                                 MosaicConfig(2, 2, auto_barriers=False)], ids=str)
 def test_decode_matches_oracle(rng, cfg):
     """Lengths 0, 1, a tile boundary and a ragged tail; 4 and 8 query heads per KV head;
     fp16 kernel against float64 math: relative L2 < 1e-2 (measured ~3e-4)."""
@@ -136,7 +137,9 @@ def test_model_decode_step_on_each_backend(rng):
 
 @pytest.mark.parametrize("bs,cfg,hkv", [(8, MosaicConfig(2, 2), 2), (16, MosaicConfig(3, 3), 4),
                                         (32, MosaicConfig(1, 2), 2), (16, MosaicConfig(2, 2), 8),
-                                        (32, MosaicConfig(1, 2, True), 2)], ids=str)
+                                        (32, MosaicConfig(1, 2, True), 2),
+                                        (16, MosaicConfig(2, 2, auto_barriers=False), 8)],
+                         ids=str)
 def test_paged_decode_matches_reference(rng, bs, cfg, hkv):
     """paged_decode on the Mosaic backend against the reference path and the Triton-lowered
     kernel (relative L2 < 1e-2; fp16 kernels): lengths 0, 1, a block boundary, a tile tail and
@@ -267,7 +270,9 @@ def test_paged_decode_compiled_on_hopper(rng):
     ("turboquant_4bit_nc", 16, MosaicConfig(1, 2, True), True),
     ("turboquant_k3v4_nc", 16, MosaicConfig(2, 2), True),
     ("turboquant_3bit_nc", 8, MosaicConfig(3, 3), True),
-    ("turboquant_3bit_nc", 32, MosaicConfig(1, 2), False)], ids=str)
+    ("turboquant_3bit_nc", 32, MosaicConfig(1, 2), False),
+    ("turboquant_3bit_nc", 16, MosaicConfig(2, 2, auto_barriers=False), True),
+    ("turboquant_k8v4", 16, MosaicConfig(2, 2, auto_barriers=False), False)], ids=str)
 def test_vllm_decode_matches_reference(rng, name, bs, cfg, nc):
     """tq.vllm.turboquant_decode (every preset: 3-bit, 4-bit or fp8 keys, 3- or 4-bit values;
     8 KV heads: rows of 816-1568 bytes) on the Mosaic backend against the reference path
@@ -331,6 +336,35 @@ def test_vllm_decode_lowers_for_sm90(name, nc):
     text = lower_for_gpu(lambda q, cache, bt, n: tq.vllm.turboquant_decode(
         q, cache, bt, n, pi, c, D ** -0.5, **kw, impl="mosaic"), *args)
     assert "mosaic_gpu" in text and "prmt.b32" in text
+
+
+@pytest.mark.parametrize("op", ["contiguous", "dense_v", "paged", "vllm_3bit"])
+def test_kernels_lower_without_auto_barriers(op):
+    """``MosaicConfig(auto_barriers=False)`` (the kernels' own barriers instead of one around
+    each shared-memory store) lowers for sm_90 for every kernel, the 3-bit unpack included."""
+    cfg = MosaicConfig(2, 2, auto_barriers=False)
+    rot, cent = tq.haar_rotation(D), tq.lloyd_max(D, 4)[0]
+    s = jax.ShapeDtypeStruct
+    q4, u8, f32 = s((2, 8, 1, D), jnp.float16), s((2, 2, 256, D // 2), jnp.uint8), s(
+        (2, 2, 256), jnp.float32)
+    if op in ("contiguous", "dense_v"):
+        v = (u8, f32) if op == "contiguous" else (s((2, 2, 256, D), jnp.float16),)
+        fn = tq.flash_attention_tq4_kv if op == "contiguous" else tq.flash_attention_tq4
+        text = lower_for_gpu(lambda q, kp, kn, *v: fn(q, kp, kn, *v, cent, rot, config=cfg,
+                                                      impl="mosaic"), q4, u8, f32, *v)
+    elif op == "paged":
+        row = tq.paged_layout(8, D).row_bytes
+        text = lower_for_gpu(lambda q, c, bt, n: tq.paged_decode(
+            q, c, bt, n, cent, rot, num_kv_heads=8, head_dim=D, block_size=16, config=cfg,
+            impl="mosaic"), s((2, 32, D), jnp.float16), s((64, 16, row), jnp.uint8),
+            s((2, 16), jnp.int32), s((2,), jnp.int32))
+    else:
+        pr = tq.vllm.preset("turboquant_3bit_nc", D)
+        text = lower_for_gpu(lambda q, c, bt, n: tq.vllm.turboquant_decode(
+            q, c, bt, n, tq.hadamard_rotation(D, seed=1), tq.lloyd_max(D, 3)[0], D ** -0.5,
+            **pr.decode_kwargs(), config=cfg, impl="mosaic"), s((2, 32, D), jnp.float16),
+            s(pr.cache_shape(64, 16, 8), jnp.uint8), s((2, 16), jnp.int32), s((2,), jnp.int32))
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu

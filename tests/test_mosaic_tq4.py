@@ -37,7 +37,8 @@ def _want(q, kp, kn, v, cent, rot, lens):
     return oracle(q, deq(kp, kn, cent, rot), v, D ** -0.5, False, mask[:, None, None, :])
 
 
-@pytest.mark.parametrize("cfg", [MosaicConfig(2, 2), MosaicConfig(3, 3)], ids=str)
+@pytest.mark.parametrize("cfg", [MosaicConfig(2, 2), MosaicConfig(3, 3),
+                                 MosaicConfig(2, 2, auto_barriers=False)], ids=str)
 @pytest.mark.parametrize("garbage", [np.inf, np.nan], ids=["inf", "nan"])
 def test_dense_v_matches_oracle(rng, cfg, garbage):
     """Lengths 0, 1, a tile boundary and a ragged tail over 200 keys (the last tile's box hangs

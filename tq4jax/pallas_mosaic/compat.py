@@ -44,6 +44,9 @@ def interpret_params(out_of_bounds_reads: str = "uninitialized") -> Any:
     return InterpretGPUParams(out_of_bounds_reads=out_of_bounds_reads)
 
 
-def compiler_params() -> Any:
-    """Lane lowering semantics (explicit register layouts; takes ``inline_mgpu``)."""
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+def compiler_params(auto_barriers: bool = True) -> Any:
+    """Lane lowering semantics (explicit register layouts; takes ``inline_mgpu``);
+    ``auto_barriers=False``: no barrier around each shared-memory store (the kernel places
+    its own)."""
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                unsafe_no_auto_barriers=not auto_barriers)

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .tiles import (D, NQ, ROWS, T, Format, MosaicConfig, Ops, Ring, attend_split, code_ring,
-                    launch_params, merge_output, pack_query, prmt_planes, query_scratch,
+                    merge_output, pack_query, prmt_planes, query_scratch,
                     split_chunk)
 from .tuning import choose_config
 
@@ -72,7 +72,7 @@ def _kernel(lens_ref, q_ref, kt_ref, vt_ref, kc_hbm, kn_hbm, vc_hbm, vn_hbm, o_r
 
 def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tuple,
           dense_v: bool = False):
-    ops = Ops(interpret)
+    ops = Ops(interpret, cfg.auto_barriers)
     ns, st = cfg.num_splits, cfg.stages
     scratch = dict(query_scratch(ops), kc=code_ring(ops, st), kn=ops.smem((st, T), jnp.float32),
                    k_bar=plgpu.Barrier(num_arrivals=2, num_barriers=st),
@@ -87,7 +87,7 @@ def _call(b: int, h: int, s: int, cfg: MosaicConfig, interpret: bool, planes: tu
         out_type=(jax.ShapeDtypeStruct((b, h, ns, D, NQ), jnp.float32),
                   jax.ShapeDtypeStruct((b, h, ns, NQ), jnp.float32)),
         scratch_types=scratch, grid=(ns, h, b), grid_names=("s", "h", "b"),
-        **launch_params(interpret))
+        **ops.launch_params())
 
 
 @partial(jax.jit, static_argnames=("scale", "config", "interpret", "k_planes", "v_planes"))

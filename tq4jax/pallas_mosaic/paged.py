@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..layout import NORM_BYTES, PagedLayout, paged_layout
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, MosaicConfig, Ops, Ring, aligned_box,
-                    attend_split, box_width, code_ring, launch_params, merge_output, pack_query,
+                    attend_split, box_width, code_ring, merge_output, pack_query,
                     code_swizzle, page_issuer, prmt_planes, query_scratch, split_chunk)
 from .tuning import choose_config
 
@@ -102,7 +102,7 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
 
 def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row_width: int,
           cfg: MosaicConfig, interpret: bool, planes: tuple):
-    ops = Ops(interpret)
+    ops = Ops(interpret, cfg.auto_barriers)
     ns, st = cfg.num_splits, cfg.stages
     lay = paged_layout(h, D)
     swz = ring_swizzles(lay, row_width)
@@ -123,7 +123,7 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, row
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
         scratch_types=scratch, grid=(ns, h, s), grid_names=("s", "h", "b"),
         # boxes never hang past the cache: any read past an array is an error when interpreted
-        **launch_params(interpret, out_of_bounds_reads="raise"))
+        **ops.launch_params(out_of_bounds_reads="raise"))
 
 
 @partial(jax.jit, static_argnames=("scale", "config", "interpret", "k_planes", "v_planes",

@@ -44,11 +44,15 @@ TMA_ALIGN = 16
 
 
 class MosaicConfig(NamedTuple):
-    """KV splits per (sequence, KV head), depth of the TMA ring, and whether the paged
-    kernels read a tile's block ids one tile ahead (:class:`Issue`; off until timed)."""
+    """KV splits per (sequence, KV head), depth of the TMA ring, whether the paged kernels
+    read a tile's block ids one tile ahead (:class:`Issue`; measured: no win), and whether
+    Pallas puts a warpgroup barrier before and after every shared-memory store
+    (``auto_barriers``; False: the kernel's own, two per tile plus the 3-bit unpack's: not
+    yet timed)."""
     num_splits: int = 16
     stages: int = 2
     prefetch: bool = False
+    auto_barriers: bool = True
 
 
 class Format(NamedTuple):
@@ -76,8 +80,20 @@ class Ops:
     mode lacks them (jax 0.10: layouted loads, wgmma from transposed shared memory; every
     version: wgmma with a register operand, inline PTX, aliased RefUnion members)."""
 
-    def __init__(self, interpret: bool):
+    def __init__(self, interpret: bool, auto_barriers: bool = True):
         self.interpret, self.full_interp = interpret, compat.INTERPRET_FULL
+        self.auto_barriers = auto_barriers
+
+    def sync(self) -> None:
+        """Where Pallas's automatic barriers are off (``MosaicConfig.auto_barriers``): a
+        warpgroup barrier (with the async-proxy fence of ``commit_smem``) that orders the
+        threads' shared-memory stores against other threads' loads; else nothing."""
+        if not self.auto_barriers:
+            plgpu.commit_smem()
+
+    def launch_params(self, out_of_bounds_reads: str = "uninitialized") -> dict:
+        """:func:`launch_params` of this kernel."""
+        return launch_params(self.interpret, out_of_bounds_reads, self.auto_barriers)
 
     def smem(self, shape, dtype, swizzle=None):
         if self.interpret or swizzle is None:
@@ -130,8 +146,10 @@ class Ops:
         if self.interpret:
             return lax.bitcast_convert_type(jnp.stack(words, axis=1), jnp.uint8).reshape(T, DB)
         u8, u32 = nib
+        self.sync()  # other threads' loads of the scratch are done
         for j, w in enumerate(words):  # a key row's words, replicated over its quad
             u32.at[:, j][...] = w
+        self.sync()
         return self.load(u8, WG, False)
 
     def nibble_scratch(self) -> Any:
@@ -308,6 +326,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
     def step(i, carry, vdec, p_smem):
         acc, m, l_rows, z_rows, ahead = carry
         slot = lax.rem(i, stages)
+        ops.sync()  # the previous tile's P@V has read vdec and P (and every warp is past it)
         k_codes, k_rows = k.tile(slot)
         if fmt.fp8_keys:
             k_even, k_odd = fp8_halves(k_codes)  # the halves pair with the query's halves
@@ -366,6 +385,7 @@ def attend_split(ops: Ops, *, start, end, stages: int, issue: Issue | Callable[[
     acc, m, l = pl.run_scoped(loop, *bufs, ops.smem((T, NQ), jnp.float16, 32))
 
     def epilogue(o_smem, lse_smem):
+        ops.sync()  # the buffers reuse the loop's
         o_smem[...] = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), (D, NQ), [1])
         lse_smem[...] = m + jnp.log(l) * LOG2E  # -inf for an empty split
         plgpu.commit_smem()
@@ -444,8 +464,9 @@ def prmt_planes(raw: Any) -> tuple | None:
     return form[1:] if form[0] == "symmetric" else None
 
 
-def launch_params(interpret: bool, out_of_bounds_reads: str = "uninitialized") -> dict:
+def launch_params(interpret: bool, out_of_bounds_reads: str = "uninitialized",
+                  auto_barriers: bool = True) -> dict:
     """``plgpu.kernel`` keywords: interpret params, or the compiler params."""
     if interpret:
         return dict(interpret=compat.interpret_params(out_of_bounds_reads))
-    return dict(compiler_params=compat.compiler_params())
+    return dict(compiler_params=compat.compiler_params(auto_barriers))

@@ -28,6 +28,10 @@ STAGES = 2
 #: win (an H200, 32K context, 16 splits: paged B=8 0.2905 -> 0.2989 ms, the vLLM and B=1 rows
 #: within 1%; ``bench/decode.py --mosaic-sweep --prefetch 0 1``, bench/RESULTS.md).
 PREFETCH = False
+#: Pallas's warpgroup barrier before and after every shared-memory store (about 7 per tile;
+#: ``MosaicConfig.auto_barriers``). False (the kernels' own: 2 per tile) is not yet timed:
+#: ``bench/decode.py --mosaic-sweep --auto-barriers 1 0``.
+AUTO_BARRIERS = True
 
 #: Ops whose Mosaic kernel ``impl="auto"`` prefers, with the smallest batch (sequences) and
 #: cache capacity (keys per sequence) where it was measured faster than the Triton-lowered
@@ -43,7 +47,7 @@ def choose_config(batch: int, num_kv_heads: int, keys: int) -> MosaicConfig:
     ``keys`` positions per sequence (its static capacity)."""
     splits = min(TARGET_CTAS // max(batch * num_kv_heads, 1), keys // MIN_SPLIT_KEYS,
                  MAX_SPLITS)
-    return MosaicConfig(max(splits, 1), STAGES, PREFETCH)
+    return MosaicConfig(max(splits, 1), STAGES, PREFETCH, AUTO_BARRIERS)
 
 
 def prefer(op: str, batch: int, keys: int) -> bool:

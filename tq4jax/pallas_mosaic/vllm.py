@@ -49,7 +49,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ..layout import VllmSlot
 from .lut import NIBBLE_BIAS3, nibble_codebook
 from .tiles import (D, DB, NQ, T, TMA_ALIGN, Format, MosaicConfig, Ops, Ring, aligned_box,
-                    attend_split, box_width, launch_params, merge_output, pack_query,
+                    attend_split, box_width, merge_output, pack_query,
                     page_issuer, prmt_planes, query_scratch, split_chunk)
 from .tuning import choose_config
 
@@ -114,7 +114,7 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
 
 def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay: VllmSlot,
           nc: bool, cfg: MosaicConfig, interpret: bool, planes: tuple):
-    ops = Ops(interpret)
+    ops = Ops(interpret, cfg.auto_barriers)
     ns, st = cfg.num_splits, cfg.stages
     fmt = vllm_format(lay, nc)
     pages = T // block_size  # each brings one key box and one value box
@@ -134,7 +134,7 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
         kernel, out_type=(jax.ShapeDtypeStruct((s, h, ns, D, NQ), jnp.float32),
                           jax.ShapeDtypeStruct((s, h, ns, NQ), jnp.float32)),
         scratch_types=scratch, grid=(ns, h, s), grid_names=("s", "h", "b"),
-        **launch_params(interpret, out_of_bounds_reads="raise"))
+        **ops.launch_params(out_of_bounds_reads="raise"))
 
 
 def vllm_format(lay: VllmSlot, nc: bool) -> Format:
