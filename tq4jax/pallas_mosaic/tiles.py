@@ -152,10 +152,9 @@ class Ops:
         self.sync()
         return self.load(u8, WG, False)
 
-    def nibble_scratch(self) -> Any:
-        """Scratch for :meth:`unpack3` (None in interpret mode)."""
-        if self.interpret:
-            return None
+    @staticmethod
+    def nibble_scratch() -> Any:
+        """Scratch for :meth:`unpack3` (compiled kernels; interpret mode needs none)."""
         return plgpu.RefUnion(plgpu.SMEM((T, DB), jnp.uint8), plgpu.SMEM((T, DB // 4), jnp.uint32))
 
     def full(self, shape, value, layout):

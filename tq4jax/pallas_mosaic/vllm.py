@@ -69,6 +69,12 @@ def boxes(lay: VllmSlot, h: Any, row_width: int) -> tuple:
     return k_col, k_off, v_col, v_off
 
 
+def packed3(lay: VllmSlot) -> tuple[bool, bool]:
+    """Whether the keys and the values of ``lay`` are 3-bit codes (re-packed as nibbles per
+    tile: :meth:`.tiles.Ops.unpack3`)."""
+    return not lay.key_fp8 and lay.mse_bits == 3, lay.value_bits == 3
+
+
 def supported(lay: VllmSlot, group: int, block_size: int, num_kv_heads: int) -> bool:
     """vLLM caches this kernel serves (see the module docstring)."""
     row = num_kv_heads * lay.slot_bytes
@@ -101,7 +107,7 @@ def _kernel(lens_ref, bt_ref, q_ref, kt_ref, vt_ref, cache_hbm, o_ref, lse_ref, 
     k_rows = ((lambda slot: ()) if fmt.fp8_keys else
               (lambda slot: (field(kb, k_off + lay.norm_at, slot),)))
     v_scale, v_zero = v_off + lay.value_bytes, v_off + lay.value_bytes + 2
-    k3, v3 = not fmt.fp8_keys and lay.mse_bits == 3, lay.value_bits == 3
+    k3, v3 = packed3(lay)
     attend_split(ops, start=start, end=end, stages=stages, issue=issue,
                  k=Ring(kb[0], k_rows, k_bar, False, k_off, lay.mse_bytes if k3 else
                         D if fmt.fp8_keys else DB, kb if k3 else None),
@@ -124,8 +130,8 @@ def _call(s: int, h: int, num_blocks: int, block_size: int, max_blocks: int, lay
         vb=ops.box_ring(st, box_width(lay.value_bytes + 4), jnp.float16),
         k_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st),
         v_bar=plgpu.Barrier(num_arrivals=pages, num_barriers=st))
-    if 3 in (lay.value_bits, None if lay.key_fp8 else lay.mse_bits) and not interpret:
-        scratch["nib"] = ops.nibble_scratch()
+    if any(packed3(lay)) and not interpret:
+        scratch["nib"] = Ops.nibble_scratch()
     kernel = partial(_kernel, ops=ops, chunk=split_chunk(max_blocks * block_size, ns), stages=st,
                      prefetch=cfg.prefetch,
                      planes=planes, block_size=block_size, num_blocks=num_blocks, lay=lay,
@@ -174,7 +180,7 @@ def decode(q_rot: jax.Array, kv_cache: jax.Array, block_table: jax.Array, lens: 
     Returns:
       float32 [S, H_KV, G, D] (values are not rotated: no post-rotation).
     """
-    if not lay.key_fp8 and lay.mse_bits == 3:  # nibbles code + 4 (.lut.nibble_words)
+    if packed3(lay)[0]:  # nibbles code + 4 (.lut.nibble_words)
         centroids = nibble_codebook(centroids)
         if raw_centroids is not None and not isinstance(raw_centroids, jax.core.Tracer):
             raw_centroids = nibble_codebook(np.asarray(raw_centroids, np.float32))

@@ -124,9 +124,8 @@ def turboquant_decode(query: ArrayLike, kv_cache: ArrayLike, block_table: ArrayL
                  and mosaic.vllm.supported(lay, hq // hkv, bs, hkv))
     capacity = block_table.shape[1] * bs
     prefer = (not isinstance(config, DecodeConfig)  # a Triton config asks for that backend
-              and mosaic.tuning.prefer("vllm_decode_3bit" if 3 in (
-                  lay.value_bits, None if lay.key_fp8 else lay.mse_bits) else "vllm_decode",
-                  b, capacity))
+              and mosaic.tuning.prefer("vllm_decode_3bit" if any(mosaic.vllm.packed3(lay))
+                                       else "vllm_decode", b, capacity))
     path = resolve_impl(impl, mosaic=mosaic_ok, prefer_mosaic=prefer)
     config = check_config(config, mosaic.MosaicConfig if path == "mosaic" else DecodeConfig,
                           path, "turboquant_decode")
