@@ -14,7 +14,7 @@ written) measured at the start of the same run.
     PYTHONPATH=. python3 bench/decode.py --mosaic-sweep --batch 8 --ctx 32768   # every layout
         [--ops paged_decode --splits 16 32 64 --stages 2 3 --prefetch 0 1 --auto-barriers 1 0]
     PYTHONPATH=. python3 bench/decode.py --epilogue --batch 1 8 --ctx 32768
-    ncu --clock-control none --kernel-name regex:_kernel --section SpeedOfLight \
+    ncu --clock-control none --kernel-name regex:mosaic_gpu --section SpeedOfLight \
         --section WarpStateStats --section InstructionStats python3 bench/decode.py --once \
         --batch 8 --ctx 32768 --impl mosaic --ops paged_decode   # each op launched once
 """
@@ -140,8 +140,9 @@ def mosaic_sweep(b: int, ctx: int, ops=SWEEP_OPS, splits_list=(4, 8, 16, 32),
     splits x TMA ring depth x block-id prefetch x automatic barriers), beside the
     Triton-lowered kernel's default in the same run."""
     from tq4jax.pallas_mosaic import MosaicConfig
+    c = cases(b, ctx)
     for name in ops:
-        run, args, nbytes = cases(b, ctx)[name]
+        run, args, nbytes = c[name]
         base = gpu_or_wall(run("triton"), *args)
         print(f"\nMosaic sweep, {name} B={b} ctx={ctx}: triton default {base:.4f} ms\n")
         print("| splits | stages | prefetch | auto barriers | GPU ms | GB/s | triton / mosaic |")
@@ -206,8 +207,9 @@ def main() -> None:
         return
     if a.once:
         for b, ctx in itertools.product(a.batch, a.ctx):
+            c = cases(b, ctx)  # every case's inputs, built once
             for name, impl in itertools.product(a.ops, a.impl):
-                make, args, _ = cases(b, ctx)[name]
+                make, args, _ = c[name]
                 jax.block_until_ready(make(impl)(*args))
                 print(f"ran {name} B={b} ctx={ctx} impl={impl}", flush=True)
         return
